@@ -1,0 +1,60 @@
+package socketmap
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Listen opens a listener for Serve (SPEC 1.5). An addr of the form
+// "unix:/path" is a unix socket whose file is then set to mode; anything
+// else is a TCP host:port, and mode is unused.
+//
+// A socket file left behind by an earlier run is removed first; a file that
+// is not a socket, or a socket another process still accepts on, is an
+// error.
+func Listen(addr string, mode fs.FileMode) (net.Listener, error) {
+	path, ok := strings.CutPrefix(addr, "unix:")
+	if !ok {
+		return net.Listen("tcp", addr)
+	}
+	if err := removeStaleSocket(path); err != nil {
+		return nil, err
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socketmap: %w", err)
+	}
+	return l, nil
+}
+
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("socketmap: %w", err)
+	}
+	if fi.Mode().Type() != fs.ModeSocket {
+		return fmt.Errorf("socketmap: %s exists and is not a socket", path)
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("socketmap: %s is in use by another process", path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("socketmap: %s: %w", path, err)
+	}
+	return os.Remove(path) // nobody accepts on it: stale
+}
