@@ -1,0 +1,363 @@
+package resolver
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// HostResolver resolves the policy host through the configured nameservers
+// (SPEC 4.1: never Go's default resolver). *DNS implements it.
+type HostResolver interface {
+	LookupHost(ctx context.Context, host string) ([]netip.Addr, error)
+}
+
+// Fetcher fetches MTA-STS policies over HTTPS (RFC 8461 §3.3, SPEC section
+// 4). Set its fields before the first Fetch and leave them alone after: the
+// HTTP client is built once, on first use, and reused. A Fetcher is safe for
+// concurrent use.
+type Fetcher struct {
+	// Hosts resolves mta-sts.<domain>. Required.
+	Hosts HostResolver
+	// RootCAs verifies the policy host; nil means the system roots (Go
+	// honours SSL_CERT_FILE / SSL_CERT_DIR) (SPEC 4.2).
+	RootCAs *x509.CertPool
+	// DialContext dials a resolved address "ip:443"; nil means a
+	// net.Dialer. Tests use it to reach an httptest server.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	once   sync.Once
+	client *http.Client
+}
+
+const (
+	// policyHostPrefix and policyPath make the policy URL (RFC 8461 §3.3).
+	policyHostPrefix = "mta-sts."
+	policyPath       = "/.well-known/mta-sts.txt"
+	// fetchMaxHeaderBytes bounds the response header; a policy host
+	// has no reason to send more.
+	fetchMaxHeaderBytes = 16 << 10
+	// fetchFallbackTimeout bounds a Fetch whose ctx has no deadline, so
+	// a caller's mistake cannot hang a fetch forever (SPEC 4.6: background
+	// fetches get about 30 to 60 s). Callers are expected to set their own.
+	fetchFallbackTimeout = 60 * time.Second
+	// fetchMinDialAttempt is the least time one address gets when the
+	// remaining time is shared among several (as net.Dialer does).
+	fetchMinDialAttempt = 2 * time.Second
+	// maxFetchDetail bounds the detail of a fetch error (SPEC 8.3).
+	maxFetchDetail = 200
+	// maxFetchRemoteText bounds a remote string, such as a Content-Type,
+	// inside that detail.
+	maxFetchRemoteText = 100
+)
+
+// FetchErrorClass tokens.
+const (
+	fetchClassDNS           = "dns"
+	fetchClassConnect       = "connect"
+	fetchClassTLS           = "tls"
+	fetchClassTimeout       = "timeout"
+	fetchClassStatus        = "status"
+	fetchClassRedirect      = "redirect"
+	fetchClassContentType   = "content_type"
+	fetchClassTooLarge      = "too_large"
+	fetchClassInvalidPolicy = "invalid_policy"
+	fetchClassOther         = "other"
+)
+
+// fetchError is a Fetch failure: it matches ErrFetch, or ErrInvalidPolicy
+// for a body that does not parse, and nothing else. The underlying error is
+// summarised in detail (bounded, SPEC 8.3) but not wrapped, so that, for
+// example, a failed lookup of the policy host is not mistaken for a failed
+// TXT discovery (ErrDNS, SPEC 3.4).
+type fetchError struct {
+	sentinel error
+	class    string
+	host     string
+	detail   string
+}
+
+func (e *fetchError) Error() string {
+	return e.sentinel.Error() + ": " + e.host + ": " + e.detail
+}
+
+func (e *fetchError) Unwrap() error { return e.sentinel }
+
+func newFetchError(class, host, detail string) *fetchError {
+	return &fetchError{sentinel: ErrFetch, class: class, host: host, detail: fetchClip(detail, maxFetchDetail)}
+}
+
+// FetchErrorClass returns a fixed token naming why a Fetch failed, for
+// metrics and status output: "dns", "connect", "tls", "timeout", "status",
+// "redirect", "content_type", "too_large", "invalid_policy" or "other".
+// It returns "" for a nil error.
+func FetchErrorClass(err error) string {
+	if err == nil {
+		return ""
+	}
+	if fe, ok := errors.AsType[*fetchError](err); ok {
+		return fe.class
+	}
+	if errors.Is(err, ErrInvalidPolicy) {
+		return fetchClassInvalidPolicy
+	}
+	return fetchClassOther
+}
+
+// Fetch GETs https://mta-sts.<domain>/.well-known/mta-sts.txt and parses it
+// (RFC 8461 §3.3, SPEC sections 4 and 5). domain is an A-label without a
+// trailing dot (SPEC 2.2); anything else fails before any I/O. Failures
+// wrap ErrFetch; a body that does not parse wraps ErrInvalidPolicy (SPEC 5.5
+// counts both as a failed fetch). ctx bounds the whole fetch: lookup,
+// connect, handshake, headers and body; without a deadline, Fetch applies
+// one of 60 s.
+func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, error) {
+	host := policyHostPrefix + strings.ToLower(domain)
+	if reason := checkLDHName(host); reason != "" {
+		return nil, newFetchError(fetchClassOther, fetchClip(host, maxFetchRemoteText), "invalid domain: "+reason)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, fetchFallbackTimeout)
+		defer cancel()
+	}
+	f.once.Do(f.initClient)
+
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+host+policyPath, nil)
+	if err != nil {
+		return nil, newFetchError(fetchClassOther, host, err.Error())
+	}
+	resp, err := f.client.Do(req)
+	if err != nil {
+		return nil, classifyFetchError(ctx, host, "", err)
+	}
+	defer resp.Body.Close()
+
+	// SPEC 4.3: no redirects (CheckRedirect hands back the 3xx), only 200.
+	// Go's own status text, not the server's, so no remote text is logged.
+	switch code := resp.StatusCode; {
+	case code >= 300 && code < 400:
+		return nil, newFetchError(fetchClassRedirect, host, fmt.Sprintf("redirect refused (status %d)", code))
+	case code != http.StatusOK:
+		return nil, newFetchError(fetchClassStatus, host, strings.TrimSpace(fmt.Sprintf("status %d %s", code, http.StatusText(code))))
+	}
+
+	// SPEC 4.4: the media type must be text/plain, case-insensitive,
+	// parameters ignored (even malformed ones).
+	ct := resp.Header.Get("Content-Type")
+	if ct == "" {
+		return nil, newFetchError(fetchClassContentType, host, "no content type, want text/plain")
+	}
+	mediaType, _, err := mime.ParseMediaType(ct)
+	if err != nil && !errors.Is(err, mime.ErrInvalidMediaParameter) || mediaType != "text/plain" {
+		return nil, newFetchError(fetchClassContentType, host, "content type "+fetchQuote(ct)+", want text/plain")
+	}
+
+	// SPEC 4.5: at most MaxPolicySize bytes, declared or not; never
+	// truncate. Reading one byte more tells a body that is too large.
+	if resp.ContentLength > MaxPolicySize {
+		return nil, newFetchError(fetchClassTooLarge, host, fmt.Sprintf("declared body of %d bytes, limit %d", resp.ContentLength, MaxPolicySize))
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxPolicySize+1))
+	if err != nil {
+		return nil, classifyFetchError(ctx, host, "reading body: ", err)
+	}
+	if len(body) > MaxPolicySize {
+		return nil, newFetchError(fetchClassTooLarge, host, fmt.Sprintf("body larger than %d bytes", MaxPolicySize))
+	}
+
+	p, err := ParsePolicy(body)
+	if err != nil {
+		detail := err.Error()
+		if pe, ok := errors.AsType[*policyError](err); ok {
+			detail = pe.detail()
+		}
+		return nil, &fetchError{sentinel: ErrInvalidPolicy, class: fetchClassInvalidPolicy, host: host, detail: fetchClip(detail, maxFetchDetail)}
+	}
+	return p, nil
+}
+
+// initClient builds the HTTP client that every Fetch reuses.
+func (f *Fetcher) initClient() {
+	f.client = &http.Client{
+		Transport: &http.Transport{
+			// SPEC 4.3: never a proxy from the environment.
+			Proxy: nil,
+			// DialTLSContext resolves through Hosts (SPEC 4.1) and
+			// does the handshake itself (SPEC 4.2), which also
+			// tells DNS, connect and TLS failures apart. It makes
+			// the Transport ignore TLSClientConfig and
+			// TLSHandshakeTimeout, and speak HTTP/1.1.
+			DialTLSContext: f.dialTLS,
+			// Policy hosts are many and rarely revisited.
+			DisableKeepAlives: true,
+			// Identity bodies only, so the size limit (SPEC 4.5) is
+			// on what the server sent.
+			DisableCompression:     true,
+			MaxResponseHeaderBytes: fetchMaxHeaderBytes,
+			// No ResponseHeaderTimeout: the request's ctx bounds
+			// every phase, and a fixed value would be either longer
+			// than the 5 s first-contact deadline or shorter than
+			// the background bound (SPEC 4.6).
+		},
+		// SPEC 4.3: hand a 3xx back instead of following it.
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		},
+	}
+}
+
+// fetchStepError marks a failure in dialTLS with its class, so that
+// classifyFetchError can find it through the Transport's wrapping.
+type fetchStepError struct {
+	class string
+	err   error
+}
+
+func (e *fetchStepError) Error() string { return e.err.Error() }
+
+func (e *fetchStepError) Unwrap() error { return e.err }
+
+// dialTLS resolves the policy host through Hosts, connects to its
+// addresses in order until one answers, and completes a TLS handshake
+// verified for that host name (SPEC 4.1, 4.2).
+func (f *Fetcher) dialTLS(ctx context.Context, network, addr string) (net.Conn, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := f.dialHost(ctx, network, host, port)
+	if err != nil {
+		return nil, err
+	}
+	tc := tls.Client(conn, &tls.Config{
+		// SPEC 4.2: TLS 1.2 or newer; SNI and DNS-ID are the policy
+		// host; RootCAs nil means the system roots.
+		MinVersion: tls.VersionTLS12,
+		ServerName: host,
+		RootCAs:    f.RootCAs,
+	})
+	if err := tc.HandshakeContext(ctx); err != nil {
+		conn.Close()
+		return nil, &fetchStepError{class: fetchClassTLS, err: err}
+	}
+	return tc, nil
+}
+
+// dialHost resolves host and connects to its addresses in the resolver's
+// order. With several addresses, each attempt gets a share of the time
+// left, so one silent address does not use up ctx (as net.Dialer does).
+func (f *Fetcher) dialHost(ctx context.Context, network, host, port string) (net.Conn, error) {
+	if f.Hosts == nil {
+		return nil, &fetchStepError{class: fetchClassDNS, err: errors.New("no host resolver configured")}
+	}
+	addrs, err := f.Hosts.LookupHost(ctx, host)
+	if err != nil {
+		return nil, &fetchStepError{class: fetchClassDNS, err: err}
+	}
+	if len(addrs) == 0 {
+		return nil, &fetchStepError{class: fetchClassDNS, err: errors.New("no addresses")}
+	}
+	dial := f.DialContext
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	var lastErr error
+	for i, a := range addrs {
+		actx, cancel := fetchAttemptContext(ctx, len(addrs)-i)
+		conn, err := dial(actx, network, net.JoinHostPort(a.Unmap().String(), port))
+		cancel()
+		if err == nil {
+			return conn, nil
+		}
+		lastErr = err
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if len(addrs) > 1 {
+		lastErr = fmt.Errorf("%d addresses, none answered; last: %w", len(addrs), lastErr)
+	}
+	return nil, &fetchStepError{class: fetchClassConnect, err: lastErr}
+}
+
+// fetchAttemptContext gives one of the remaining dial attempts its share
+// of ctx's time left, at least fetchMinDialAttempt (when that much is left).
+func fetchAttemptContext(ctx context.Context, remaining int) (context.Context, context.CancelFunc) {
+	deadline, ok := ctx.Deadline()
+	if !ok || remaining <= 1 {
+		return ctx, func() {}
+	}
+	left := time.Until(deadline)
+	share := left / time.Duration(remaining)
+	if share < fetchMinDialAttempt {
+		share = min(fetchMinDialAttempt, left)
+	}
+	return context.WithTimeout(ctx, share)
+}
+
+// classifyFetchError turns an error from the client or the body read into a
+// fetchError. ctx's own deadline takes precedence: whatever step it cut
+// short, the fetch timed out.
+func classifyFetchError(ctx context.Context, host, prefix string, err error) error {
+	// The client wraps everything in *url.Error, whose text repeats the
+	// URL; the cause is enough.
+	cause := err
+	if ue, ok := errors.AsType[*url.Error](err); ok {
+		cause = ue.Err
+	}
+	step, isStep := errors.AsType[*fetchStepError](err)
+	switch {
+	case errors.Is(ctx.Err(), context.DeadlineExceeded):
+		if isStep {
+			return newFetchError(fetchClassTimeout, host, prefix+"deadline exceeded during "+step.class)
+		}
+		return newFetchError(fetchClassTimeout, host, prefix+"deadline exceeded")
+	case ctx.Err() != nil:
+		return newFetchError(fetchClassOther, host, prefix+"canceled")
+	case isStep:
+		return newFetchError(step.class, host, prefix+step.err.Error())
+	}
+	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+		return newFetchError(fetchClassTimeout, host, prefix+cause.Error())
+	}
+	return newFetchError(fetchClassOther, host, prefix+cause.Error())
+}
+
+// fetchQuote quotes a remote string inside an error detail: cut and
+// escaped as fetchClip does, within double quotes.
+func fetchQuote(s string) string {
+	return `"` + fetchClip(s, maxFetchRemoteText) + `"`
+}
+
+// fetchClip makes s safe to log (SPEC 8.3): at most n bytes (then "..."),
+// cut on a character boundary, with invalid UTF-8 and unprintable
+// characters replaced by "?".
+func fetchClip(s string, n int) string {
+	var b strings.Builder
+	for _, r := range s {
+		if r == utf8.RuneError || !unicode.IsPrint(r) {
+			r = '?'
+		}
+		if b.Len()+utf8.RuneLen(r) > n {
+			b.WriteString("...")
+			break
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
