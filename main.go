@@ -1,0 +1,246 @@
+// Command stsmap makes Postfix enforce MTA-STS (RFC 8461): it answers
+// Postfix's smtp_tls_policy_maps over the socketmap protocol from each
+// next-hop domain's MTA-STS policy.
+//
+//	stsmap [serve] [-config FILE]          run the daemon
+//	stsmap query [-config FILE] [-json] KEY one lookup, no daemon
+//	stsmap check-config -config FILE       validate a config file
+//	stsmap version
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"stsmap/config"
+	"stsmap/policycache"
+	"stsmap/policymap"
+	"stsmap/resolver"
+	"stsmap/socketmap"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// Exit statuses.
+const (
+	exitOK       = 0
+	exitNotFound = 1 // query: NOTFOUND; check-config: invalid; serve: runtime failure
+	exitUsage    = 2 // usage or config error
+)
+
+func main() {
+	os.Exit(run(context.Background(), os.Args[1:], &env{stdout: os.Stdout, stderr: os.Stderr}))
+}
+
+// env is what a command reads and writes besides its arguments; tests
+// replace parts of it.
+type env struct {
+	stdout, stderr io.Writer
+	// resolvConf is the resolv.conf read when dns.nameservers is empty;
+	// "" means /etc/resolv.conf.
+	resolvConf string
+	// rootCAs and dial, when set, replace the system roots and the dialer
+	// of the policy fetcher (tests reach httptest servers through them).
+	rootCAs *x509.CertPool
+	dial    func(ctx context.Context, network, addr string) (net.Conn, error)
+	// ready, when set, receives the listeners' addresses once serving.
+	ready func(addrs []net.Addr)
+}
+
+const usage = `usage:
+  stsmap [serve] [-config FILE]            run the daemon (embedded defaults without -config)
+  stsmap query [-config FILE] [-map NAME] [-json] KEY
+                                           look KEY up once, as Postfix would; exit 0 found, 1 not found
+  stsmap check-config -config FILE         validate a config file
+  stsmap version
+`
+
+func run(ctx context.Context, args []string, e *env) int {
+	cmd := "serve"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "serve":
+		return runServe(ctx, args, e)
+	case "query":
+		return runQuery(ctx, args, e)
+	case "check-config":
+		return runCheckConfig(args, e)
+	case "version":
+		fmt.Fprintf(e.stdout, "stsmap %s (%s)\n", version, runtime.Version())
+		return exitOK
+	case "help":
+		fmt.Fprint(e.stdout, usage)
+		return exitOK
+	default:
+		fmt.Fprintf(e.stderr, "stsmap: unknown command %q\n%s", cmd, usage)
+		return exitUsage
+	}
+}
+
+// loadConfig returns the embedded defaults when path is empty.
+func loadConfig(path string) (*config.Config, error) {
+	if path == "" {
+		return config.Default(), nil
+	}
+	return config.Load(path)
+}
+
+func newFlagSet(name string, e *env) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	fs.Usage = func() { fmt.Fprint(e.stderr, usage) }
+	return fs
+}
+
+func runCheckConfig(args []string, e *env) int {
+	fs := newFlagSet("check-config", e)
+	path := fs.String("config", "", "config file to validate")
+	if err := fs.Parse(args); err != nil || *path == "" || fs.NArg() != 0 {
+		fmt.Fprint(e.stderr, usage)
+		return exitUsage
+	}
+	if _, err := config.Load(*path); err != nil {
+		fmt.Fprintf(e.stderr, "stsmap: %v\n", err)
+		return exitNotFound
+	}
+	fmt.Fprintf(e.stdout, "%s: OK\n", *path)
+	return exitOK
+}
+
+func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.Log.Level}
+	if cfg.Log.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// newResolver builds the DNS client and policy fetcher from cfg.
+func newResolver(cfg *config.Config, e *env) (*resolver.Resolver, error) {
+	servers := cfg.DNS.Nameservers
+	if len(servers) == 0 {
+		path := e.resolvConf
+		if path == "" {
+			path = "/etc/resolv.conf"
+		}
+		var err error
+		if servers, err = resolver.ServersFromResolvConf(path); err != nil {
+			return nil, fmt.Errorf("dns.nameservers is empty and %w; set dns.nameservers in the config", err)
+		}
+	}
+	dns := resolver.NewDNS(servers, cfg.DNS.Timeout)
+	return &resolver.Resolver{
+		DNS:     dns,
+		Fetcher: &resolver.Fetcher{Hosts: dns, RootCAs: e.rootCAs, DialContext: e.dial},
+	}, nil
+}
+
+func newCache(cfg *config.Config, src policycache.Source, log *slog.Logger) *policycache.Cache {
+	return policycache.New(src, policycache.Config{
+		Size:                cfg.Cache.Size,
+		NegativeTTL:         cfg.Cache.NegativeTTL,
+		FirstContactTimeout: cfg.Fetch.FirstContactTimeout,
+		FetchTimeout:        cfg.Fetch.Timeout,
+		Logger:              log,
+	})
+}
+
+func runServe(ctx context.Context, args []string, e *env) int {
+	fs := newFlagSet("serve", e)
+	path := fs.String("config", "", "config file (default: embedded defaults)")
+	if err := fs.Parse(args); err != nil || fs.NArg() != 0 {
+		return exitUsage
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		fmt.Fprintf(e.stderr, "stsmap: %v\n", err)
+		return exitUsage
+	}
+	return serve(ctx, cfg, configName(*path), e)
+}
+
+// serve runs the daemon until ctx ends or a signal arrives.
+func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int {
+	log := newLogger(cfg, e.stderr)
+	res, err := newResolver(cfg, e)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return exitUsage
+	}
+	cache := newCache(cfg, res, log)
+	defer cache.Close()
+
+	srv := &socketmap.Server{
+		Handler:        &policymap.Handler{Cache: cache, Settings: func(name string) policymap.Settings { return policymap.Settings(cfg.MapSettings(name)) }, Logger: log},
+		Logger:         log,
+		MaxRequestSize: cfg.Socketmap.MaxRequestSize,
+		IdleTimeout:    cfg.Socketmap.IdleTimeout,
+		MaxConns:       cfg.Socketmap.MaxConnections,
+	}
+	var listeners []net.Listener
+	defer func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}()
+	for _, addr := range cfg.Listen {
+		l, err := socketmap.Listen(addr, cfg.Socketmap.UnixSocketMode)
+		if err != nil {
+			log.Error("cannot listen; is another stsmap running, or is the address wrong?", "listen", addr, "err", err)
+			return exitNotFound
+		}
+		listeners = append(listeners, l)
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, len(listeners))
+	addrs := make([]net.Addr, len(listeners))
+	for i, l := range listeners {
+		addrs[i] = l.Addr()
+		go func() { errc <- srv.Serve(l) }()
+	}
+	log.Info("stsmap serving", "version", version, "listen", cfg.Listen, "config", cfgName)
+	if e.ready != nil {
+		e.ready(addrs)
+	}
+
+	status := exitOK
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case err := <-errc:
+		log.Error("listener failed", "err", err)
+		status = exitNotFound
+	}
+	// SPEC 8.1: stop accepting, finish in-flight replies. A lookup waits at
+	// most the first-contact timeout, so that bounds the wait.
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.Fetch.FirstContactTimeout+5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, socketmap.ErrServerClosed) {
+		log.Warn("shutdown did not finish in time; connections were closed", "err", err)
+	}
+	return status
+}
+
+func configName(path string) string {
+	if path == "" {
+		return "(embedded defaults)"
+	}
+	return path
+}
