@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -77,6 +78,26 @@ type Entry struct {
 	Fetched time.Time
 	// Expires is when the entry stops being served (SPEC 6.2).
 	Expires time.Time
+	// Checked is when the TXT id was last seen unchanged, or the policy
+	// last renewed (SPEC 6.4); zero means at Fetched.
+	Checked time.Time
+	// FailedID and FailedAt record the last failed refresh: the id whose
+	// policy could not be fetched (empty when the TXT lookup itself
+	// failed), and when (SPEC 4.7: not retried for FailureBackoff).
+	FailedID string
+	FailedAt time.Time
+	// LastUsed is when Postfix last asked for the domain, in Unix seconds
+	// (refresh.idle_after); updated in place, hence atomic.
+	LastUsed atomic.Int64
+}
+
+// clone returns a copy of e for a change: entries are never modified once
+// stored, except LastUsed.
+func (e *Entry) clone() *Entry {
+	c := &Entry{Domain: e.Domain, ID: e.ID, Policy: e.Policy, Reason: e.Reason, Err: e.Err,
+		Fetched: e.Fetched, Expires: e.Expires, Checked: e.Checked, FailedID: e.FailedID, FailedAt: e.FailedAt}
+	c.LastUsed.Store(e.LastUsed.Load())
+	return c
 }
 
 // Config tunes a Cache; zero values take the defaults noted.
@@ -85,8 +106,27 @@ type Config struct {
 	NegativeTTL         time.Duration // 0: no negative caching
 	FirstContactTimeout time.Duration // 0: 5s
 	FetchTimeout        time.Duration // 0: 30s
-	Now                 func() time.Time
-	Logger              *slog.Logger
+	// Store, when set, receives every policy the cache learns or renews
+	// and is asked before a discovery.
+	Store   Store
+	Refresh RefreshConfig
+	Now     func() time.Time
+	Logger  *slog.Logger
+}
+
+// RefreshConfig tunes the background refresher (SPEC 6.4, 6.5).
+type RefreshConfig struct {
+	// Interval is how often the TXT id of a cached domain is re-checked,
+	// at most; 0 disables the refresher.
+	Interval time.Duration
+	// RenewBefore: when the TXT lookup fails, the policy is fetched over
+	// HTTPS this long before it expires; 0: min(24h, max_age/2).
+	RenewBefore time.Duration
+	// Concurrency bounds refreshes running at once; 0: 8.
+	Concurrency int
+	// IdleAfter: a domain not looked up for this long is dropped; 0: 30
+	// days.
+	IdleAfter time.Duration
 }
 
 // Cache is a concurrency-safe policy cache with on-demand discovery.
@@ -96,6 +136,8 @@ type Cache struct {
 	group   singleflight.Group
 	cfg     Config
 	log     *slog.Logger
+
+	sched *schedule
 
 	// base is the parent of every discovery's context; Close cancels it.
 	base   context.Context
@@ -122,12 +164,48 @@ func New(src Source, cfg Config) *Cache {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	entries, err := lru.New[string, *Entry](cfg.Size)
+	if cfg.Refresh.Concurrency <= 0 {
+		cfg.Refresh.Concurrency = 8
+	}
+	if cfg.Refresh.IdleAfter <= 0 {
+		cfg.Refresh.IdleAfter = 30 * 24 * time.Hour
+	}
+	c := &Cache{src: src, cfg: cfg, log: cfg.Logger, sched: newSchedule()}
+	entries, err := lru.NewWithEvict(cfg.Size, func(domain string, _ *Entry) { c.sched.remove(domain) })
 	if err != nil {
 		panic(err) // only for a size <= 0, excluded above
 	}
-	base, cancel := context.WithCancel(context.Background())
-	return &Cache{src: src, entries: entries, cfg: cfg, log: cfg.Logger, base: base, cancel: cancel}
+	c.entries = entries
+	c.base, c.cancel = context.WithCancel(context.Background())
+	if cfg.Refresh.Interval > 0 {
+		c.wg.Add(1)
+		go c.refreshLoop()
+	}
+	return c
+}
+
+// storeTimeout bounds one store operation made on behalf of a lookup.
+const storeTimeout = time.Second
+
+// LoadStore fills the cache from the store at start-up and schedules the
+// refresh of every loaded policy at a random time within the first
+// interval, so that a restart does not make a burst of queries (SPEC 6.5).
+// It returns the number of entries loaded.
+func (c *Cache) LoadStore(ctx context.Context) (int, error) {
+	if c.cfg.Store == nil {
+		return 0, nil
+	}
+	now := c.cfg.Now()
+	n := 0
+	err := c.cfg.Store.Load(ctx, now, func(e *Entry) {
+		if e.LastUsed.Load() == 0 {
+			e.LastUsed.Store(now.Unix())
+		}
+		c.entries.Add(e.Domain, e)
+		c.scheduleAt(e, now.Add(randDuration(c.cfg.Refresh.Interval)))
+		n++
+	})
+	return n, err
 }
 
 // Lookup returns the entry for domain (an A-label, as policymap normalises
@@ -137,8 +215,12 @@ func New(src Source, cfg Config) *Cache {
 // is first; then it returns an entry with ReasonPending while the discovery
 // goes on in the background.
 func (c *Cache) Lookup(ctx context.Context, domain string) *Entry {
-	if e, ok := c.entries.Get(domain); ok && c.cfg.Now().Before(e.Expires) {
-		return e
+	if e, ok := c.entries.Get(domain); ok {
+		now := c.cfg.Now()
+		if now.Before(e.Expires) {
+			e.touch(now)
+			return e
+		}
 	}
 	ch := c.discoverAsync(domain)
 	timer := time.NewTimer(c.cfg.FirstContactTimeout)
@@ -192,8 +274,11 @@ func (c *Cache) discoverAsync(domain string) <-chan *Entry {
 		v, _, _ := c.group.Do(domain, func() (any, error) {
 			ctx, cancel := context.WithTimeout(c.base, c.cfg.FetchTimeout)
 			defer cancel()
+			if e := c.fromStore(ctx, domain); e != nil {
+				return e, nil
+			}
 			e := c.discover(ctx, domain)
-			c.store(e)
+			c.commit(ctx, e)
 			return e, nil
 		})
 		out <- v.(*Entry)
@@ -240,10 +325,68 @@ func (c *Cache) discover(ctx context.Context, domain string) *Entry {
 	return e
 }
 
-// store keeps e unless it expires at once (a zero negative TTL).
-func (c *Cache) store(e *Entry) {
-	if e.Expires.After(e.Fetched) {
-		c.entries.Add(e.Domain, e)
+// fromStore returns the stored, unexpired entry of domain (one another MTA
+// of a fleet may have learned) and caches it, or nil.
+func (c *Cache) fromStore(ctx context.Context, domain string) *Entry {
+	if c.cfg.Store == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	e, err := c.cfg.Store.Get(ctx, domain)
+	if err != nil {
+		if !errors.Is(err, ErrStoreUnavailable) { // the store logs its own outages
+			c.log.Warn("policy store read failed", "domain", domain, "err", bounded(err))
+		}
+		return nil
+	}
+	now := c.cfg.Now()
+	if e == nil || e.Policy == nil || !now.Before(e.Expires) {
+		return nil
+	}
+	e.touch(now)
+	c.entries.Add(domain, e)
+	c.scheduleAt(e, c.nextCheck(e, now))
+	return e
+}
+
+// commit caches e unless it expires at once (a zero negative TTL), writes a
+// policy through to the store, and schedules its refresh. A changed entry
+// replaces the old one in one step: readers see the old or the new.
+func (c *Cache) commit(ctx context.Context, e *Entry) {
+	if !e.Expires.After(e.learned()) {
+		return
+	}
+	if e.LastUsed.Load() == 0 {
+		e.LastUsed.Store(c.cfg.Now().Unix())
+	}
+	c.entries.Add(e.Domain, e)
+	if e.Policy == nil {
+		return
+	}
+	c.scheduleAt(e, c.nextCheck(e, c.cfg.Now()))
+	if c.cfg.Store != nil {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
+		defer cancel()
+		if err := c.cfg.Store.Put(ctx, e); err != nil && !errors.Is(err, ErrStoreUnavailable) {
+			c.log.Error("policy store write failed; the policy is cached in memory only", "domain", e.Domain, "err", bounded(err))
+		}
+	}
+}
+
+// learned is when the entry was last confirmed: fetched or renewed.
+func (e *Entry) learned() time.Time {
+	if e.Checked.After(e.Fetched) {
+		return e.Checked
+	}
+	return e.Fetched
+}
+
+// touch records a lookup, at most once a minute per entry so that a busy
+// domain does not contend on one word.
+func (e *Entry) touch(now time.Time) {
+	if t := now.Unix(); t-e.LastUsed.Load() >= 60 {
+		e.LastUsed.Store(t)
 	}
 }
 
