@@ -20,6 +20,7 @@ import (
 	"maps"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -40,6 +41,7 @@ type Config struct {
 	DNS       DNSConfig
 	Fetch     FetchConfig
 	Cache     CacheConfig
+	Refresh   RefreshConfig
 	// Maps holds the settings of socketmap map names, the last field of
 	// "socketmap:inet:127.0.0.1:8461:postfix". "*" stands for every name
 	// not listed. Read them through MapSettings.
@@ -71,10 +73,44 @@ type FetchConfig struct {
 	Timeout             time.Duration // a discovery that goes on in the background
 }
 
-// CacheConfig holds the settings of the policy cache (SPEC 6).
+// CacheConfig holds the settings of the policy cache (SPEC 6) and of the
+// store that keeps its policies across restarts.
 type CacheConfig struct {
 	Size        int           // policies kept in memory (LRU)
 	NegativeTTL time.Duration // how long "no policy" is remembered (SPEC 6.6); 0 disables
+	// Store says where policies persist: "bolt" (an embedded file, Path),
+	// "redis" (a server a fleet shares, RedisURL) or "memory" (nowhere: a
+	// restart forgets them).
+	Store string
+	// Path is the bolt file, absolute; "" stands for a default that
+	// depends on the environment. Read it through StorePath.
+	Path string
+	// RedisURL is the Redis server of store "redis", in the form
+	// go-redis's ParseURL reads: redis://[user:password@]host[:port][/db],
+	// rediss://... (TLS) or unix:///path. It may hold a password: never
+	// log it whole (url.URL.Redacted hides the password).
+	RedisURL string
+	// RedisPrefix starts every Redis key, so that several fleets can share
+	// one server: 1 to 64 bytes of printable ASCII without spaces.
+	RedisPrefix string
+}
+
+// RefreshConfig holds the settings of the background refresher (SPEC 6.4,
+// 6.5).
+type RefreshConfig struct {
+	// Interval is how often at most the _mta-sts TXT id of a cached
+	// domain is checked again; 1m to 24h.
+	Interval time.Duration
+	// RenewBefore is how long before a policy expires it is fetched over
+	// HTTPS when its TXT record cannot be read or has vanished (SPEC 6.4,
+	// RFC 8461 section 10.2). 0 means the smaller of 24h and half the
+	// policy's max_age; at most 720h.
+	RenewBefore time.Duration
+	Concurrency int // refreshes at once, 1 to 256
+	// IdleAfter is how long a domain no lookup asked for is kept and
+	// refreshed before it is dropped; at least 1h and longer than
+	// Interval.
+	IdleAfter time.Duration
 }
 
 // MapConfig holds the settings one map name changes. A nil field takes its
@@ -121,6 +157,16 @@ func Default() *Config {
 		Cache: CacheConfig{
 			Size:        100000,
 			NegativeTTL: 15 * time.Minute,
+			Store:       "bolt",
+			Path:        "",
+			RedisURL:    "",
+			RedisPrefix: "stsmap:",
+		},
+		Refresh: RefreshConfig{
+			Interval:    time.Hour,
+			RenewBefore: 0,
+			Concurrency: 8,
+			IdleAfter:   30 * 24 * time.Hour,
 		},
 		Maps: map[string]MapConfig{
 			"*": {
@@ -308,6 +354,56 @@ func (c *Config) validate() []*configError {
 	if c.Cache.NegativeTTL < 0 {
 		add("cache.negative_ttl", "must not be negative (0 disables it)")
 	}
+	cc := c.Cache
+	switch cc.Store {
+	case "bolt", "redis", "memory":
+	default:
+		add("cache.store", "must be bolt, redis or memory, not %q", cc.Store)
+	}
+	if cc.Path != "" && !filepath.IsAbs(cc.Path) {
+		add("cache.path", `must be an absolute path, not %q ("" picks a default)`, cc.Path)
+	}
+	switch {
+	case cc.RedisURL != "" && cc.Store != "redis":
+		// Most likely a misspelt store: the fleet would not share policies.
+		add("cache.redis_url", "is set, but cache.store is %q; set cache.store: redis to use it, or remove cache.redis_url", cc.Store)
+	case cc.Store == "redis" && cc.RedisURL == "":
+		e := add("cache.redis_url", `is required with cache.store: redis, e.g. "redis://localhost:6379/0"`)
+		e.at = []string{"cache.store", "cache.redis_url"}
+	case cc.Store == "redis":
+		if msg := checkRedisURL(cc.RedisURL); msg != "" {
+			add("cache.redis_url", "%s", msg)
+		}
+	}
+	if msg := checkRedisPrefix(cc.RedisPrefix); msg != "" {
+		add("cache.redis_prefix", "%s", msg)
+	}
+
+	r := c.Refresh
+	intervalOK := false
+	switch {
+	case r.Interval < time.Minute:
+		add("refresh.interval", "must be at least 1m0s, not %v", r.Interval)
+	case r.Interval > 24*time.Hour:
+		add("refresh.interval", "must be at most 24h0m0s, not %v", r.Interval)
+	default:
+		intervalOK = true
+	}
+	switch {
+	case r.RenewBefore < 0:
+		add("refresh.renew_before", "must not be negative (0 means the smaller of 24h and half the policy's max_age)")
+	case r.RenewBefore > 30*24*time.Hour:
+		add("refresh.renew_before", "must be at most 720h0m0s, not %v", r.RenewBefore)
+	}
+	if r.Concurrency < 1 || r.Concurrency > 256 {
+		add("refresh.concurrency", "must be between 1 and 256, not %d", r.Concurrency)
+	}
+	switch {
+	case r.IdleAfter < time.Hour:
+		add("refresh.idle_after", "must be at least 1h0m0s, not %v", r.IdleAfter)
+	case intervalOK && r.IdleAfter <= r.Interval:
+		add("refresh.idle_after", "must be longer than refresh.interval (%v), not %v", r.Interval, r.IdleAfter)
+	}
 
 	for _, name := range slices.Sorted(maps.Keys(c.Maps)) {
 		var msg string
@@ -332,6 +428,61 @@ func (c *Config) validate() []*configError {
 		add("log.format", "must be text or json, not %q", c.Log.Format)
 	}
 	return errs
+}
+
+// checkRedisURL returns what is wrong with a Redis URL, or "". It accepts
+// what go-redis's ParseURL accepts, except that a TCP URL must name its host
+// (go-redis would quietly take localhost) and a unix URL must have no host
+// (go-redis would ignore it, so "unix://run/redis.sock" would mean
+// /redis.sock). Query options are left to go-redis.
+//
+// The URL may hold a password, and a malformed one may hold it anywhere, so
+// the messages repeat no part of it but the scheme.
+func checkRedisURL(s string) string {
+	const forms = "redis://[user:password@]host[:port][/db], rediss://... or unix:///path"
+	u, err := url.Parse(s)
+	switch {
+	case err != nil:
+		return "is not a valid URL; write " + forms + ", with special characters percent-encoded (/ as %2F)"
+	case u.Opaque != "" || u.Scheme != "unix" && !strings.HasPrefix(s[len(u.Scheme):], "://"):
+		// Without "//", what url.Parse takes for the scheme may be the
+		// user name of a URL that lacks one.
+		return "must have the form " + forms
+	}
+	switch u.Scheme {
+	case "redis", "rediss":
+		if u.Hostname() == "" {
+			return "names no host; write " + forms
+		}
+		if p := u.Port(); p != "" {
+			if n, err := strconv.ParseUint(p, 10, 16); err != nil || n == 0 {
+				return "has a port out of range; ports go from 1 to 65535"
+			}
+		}
+		if db := strings.Trim(u.Path, "/"); db != "" && strings.Trim(db, "0123456789") != "" {
+			return "may end only in a database number such as /0"
+		}
+	case "unix":
+		if u.Host != "" || !strings.HasPrefix(u.Path, "/") {
+			return "must name an absolute socket path after unix://, e.g. unix:///run/redis/redis.sock"
+		}
+	default:
+		return fmt.Sprintf("has the scheme %q; write %s", u.Scheme, forms)
+	}
+	return ""
+}
+
+// checkRedisPrefix returns what is wrong with a Redis key prefix, or "".
+func checkRedisPrefix(s string) string {
+	switch {
+	case s == "":
+		return "must not be empty"
+	case len(s) > 64:
+		return fmt.Sprintf("must be at most 64 bytes, not %d", len(s))
+	case strings.IndexFunc(s, func(r rune) bool { return r <= ' ' || r > '~' }) >= 0:
+		return fmt.Sprintf("must be printable ASCII without spaces, not %q", s)
+	}
+	return ""
 }
 
 // checkListen returns what is wrong with a listen address, or "".

@@ -38,7 +38,7 @@ func TestEmptyIsDefault(t *testing.T) {
 		"---\n",
 		"--- # one document\n...\n",
 		"~\n",
-		"socketmap:\ndns:\nfetch:\ncache:\nmaps:\nlog:\n", // empty sections
+		"socketmap:\ndns:\nfetch:\ncache:\nrefresh:\nmaps:\nlog:\n", // empty sections
 		"maps: {}\n",
 	} {
 		got, err := Parse([]byte(input))
@@ -117,6 +117,37 @@ func TestOverrides(t *testing.T) {
 		{"negative_ttl bare 0 disables", `cache: {negative_ttl: 0}`, func(c *Config) {
 			c.Cache.NegativeTTL = 0
 		}},
+		{"store memory", `cache: {store: memory}`, func(c *Config) {
+			c.Cache.Store = "memory"
+		}},
+		{"store bolt with path", `cache: {store: bolt, path: /srv/stsmap/policies.db}`, func(c *Config) {
+			c.Cache.Path = "/srv/stsmap/policies.db"
+		}},
+		{"store redis", "cache:\n  store: redis\n  redis_url: redis://stsmap:pa%40ss@redis.example.net:6380/2\n  redis_prefix: \"fleet-a:\"\n", func(c *Config) {
+			c.Cache.Store = "redis"
+			c.Cache.RedisURL = "redis://stsmap:pa%40ss@redis.example.net:6380/2"
+			c.Cache.RedisPrefix = "fleet-a:"
+		}},
+		{"store redis over TLS to IPv6 without port or db", `cache: {store: redis, redis_url: "rediss://[2001:db8::6379]"}`, func(c *Config) {
+			c.Cache.Store = "redis"
+			c.Cache.RedisURL = "rediss://[2001:db8::6379]"
+		}},
+		{"store redis over a unix socket", `cache: {store: redis, redis_url: "unix:///run/redis/redis.sock?db=1"}`, func(c *Config) {
+			c.Cache.Store = "redis"
+			c.Cache.RedisURL = "unix:///run/redis/redis.sock?db=1"
+		}},
+		{"redis_prefix of 64 bytes", "cache: {redis_prefix: " + strings.Repeat("k", 64) + "}", func(c *Config) {
+			c.Cache.RedisPrefix = strings.Repeat("k", 64)
+		}},
+		{"refresh", "refresh:\n  interval: 15m\n  renew_before: 48h\n  concurrency: 32\n  idle_after: 168h\n", func(c *Config) {
+			c.Refresh = RefreshConfig{Interval: 15 * time.Minute, RenewBefore: 48 * time.Hour, Concurrency: 32, IdleAfter: 168 * time.Hour}
+		}},
+		{"refresh lower limits", `refresh: {interval: 1m, renew_before: 0, concurrency: 1, idle_after: 1h}`, func(c *Config) {
+			c.Refresh = RefreshConfig{Interval: time.Minute, RenewBefore: 0, Concurrency: 1, IdleAfter: time.Hour}
+		}},
+		{"refresh upper limits", `refresh: {interval: 24h, renew_before: 720h, concurrency: 256, idle_after: 24h1s}`, func(c *Config) {
+			c.Refresh = RefreshConfig{Interval: 24 * time.Hour, RenewBefore: 720 * time.Hour, Concurrency: 256, IdleAfter: 24*time.Hour + time.Second}
+		}},
 		{"star map", `maps: {"*": {strict_testing: true}}`, func(c *Config) {
 			c.Maps["*"] = MapConfig{StrictTesting: new(true), Servername: new(true)}
 		}},
@@ -166,7 +197,9 @@ func TestMergeKey(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Parse: %v", err)
 	}
-	if got, want := c.Cache, (CacheConfig{Size: 7, NegativeTTL: time.Minute}); got != want {
+	want := Default().Cache
+	want.Size, want.NegativeTTL = 7, time.Minute
+	if got := c.Cache; got != want {
 		t.Errorf("Cache = %+v, want %+v", got, want)
 	}
 }
@@ -263,7 +296,7 @@ var rejected = map[string]string{
 	"nameserver_port_zero.yaml":             `line 3: dns.nameservers[0]: "[2001:db8::53]:0" is not an IP address`,
 	"negative_timeout.yaml":                 `line 4: dns.timeout: must be greater than 0`,
 	"negative_ttl_negative.yaml":            `line 3: cache.negative_ttl: must not be negative`,
-	"not_mapping.yaml":                      `line 2: the file must be a mapping with the keys listen, socketmap, dns, fetch, cache, maps, log`,
+	"not_mapping.yaml":                      `line 2: the file must be a mapping with the keys listen, socketmap, dns, fetch, cache, refresh, maps, log`,
 	"null_list_item.yaml":                   `line 5: dns.nameservers[1]: has no value`,
 	"null_listen.yaml":                      `line 2: listen: at least one address`,
 	"null_map_name.yaml":                    `line 3: maps: a map name must not be null`,
@@ -281,6 +314,22 @@ var rejected = map[string]string{
 	"unknown_top_key.yaml":                  `line 2: unknown key "listens"; known keys: listen, socketmap`,
 	"wrong_type.yaml":                       `line 3: socketmap.max_connections: must be a whole number, not "lots"`,
 	"zero_idle_timeout.yaml":                `line 3: socketmap.idle_timeout: must be greater than 0`,
+	"tag_with_newline.yaml":                 `line 2: the file must be a mapping with the keys listen, socketmap`,
+	"bad_store.yaml":                        `line 3: cache.store: must be bolt, redis or memory, not "sqlite"`,
+	"relative_store_path.yaml":              `line 4: cache.path: must be an absolute path, not "var/lib/stsmap/policies.db"`,
+	"redis_without_url.yaml":                `line 4: cache.redis_url: is required with cache.store: redis`,
+	"redis_url_bad_scheme.yaml":             `line 4: cache.redis_url: has the scheme "http"; write redis://`,
+	"redis_url_no_host.yaml":                `line 4: cache.redis_url: names no host`,
+	"redis_url_unix_relative.yaml":          `line 4: cache.redis_url: must name an absolute socket path after unix://`,
+	"redis_url_without_redis_store.yaml":    `line 4: cache.redis_url: is set, but cache.store is "memory"`,
+	"empty_redis_prefix.yaml":               `line 3: cache.redis_prefix: must not be empty`,
+	"redis_prefix_space.yaml":               `line 3: cache.redis_prefix: must be printable ASCII without spaces, not "sts map:"`,
+	"refresh_interval_short.yaml":           `line 3: refresh.interval: must be at least 1m0s, not 30s`,
+	"refresh_interval_long.yaml":            `line 3: refresh.interval: must be at most 24h0m0s, not 25h0m0s`,
+	"negative_renew_before.yaml":            `line 3: refresh.renew_before: must not be negative`,
+	"refresh_concurrency_zero.yaml":         `line 3: refresh.concurrency: must be between 1 and 256, not 0`,
+	"refresh_concurrency_large.yaml":        `line 3: refresh.concurrency: must be between 1 and 256, not 257`,
+	"idle_after_not_after_interval.yaml":    `line 5: refresh.idle_after: must be longer than refresh.interval (2h0m0s), not 2h0m0s`,
 }
 
 func TestRejected(t *testing.T) {
@@ -366,6 +415,24 @@ func TestValidate(t *testing.T) {
 		{"map name with tab", func(c *Config) { c.Maps["a\tb"] = MapConfig{} }, `config: maps: map name "a\tb" must not contain white space`},
 		{"zero first contact", func(c *Config) { c.Fetch.FirstContactTimeout = 0 }, "config: fetch.first_contact_timeout: must be greater than 0"},
 		{"no star map", func(c *Config) { c.Maps = nil }, ""},
+		{"store redis", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "redis://localhost/0" }, ""},
+		{"store in capitals", func(c *Config) { c.Cache.Store = "Bolt" }, `config: cache.store: must be bolt, redis or memory, not "Bolt"`},
+		{"redis_url with store bolt", func(c *Config) { c.Cache.RedisURL = "redis://localhost/0" }, `config: cache.redis_url: is set, but cache.store is "bolt"`},
+		{"redis_url not a URL", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "127.0.0.1:6379" }, "config: cache.redis_url: is not a valid URL"},
+		{"redis_url with two paths", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "redis://localhost/0/1" }, "config: cache.redis_url: may end only in a database number"},
+		{"redis_url unix opaque", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "unix:run/redis.sock" }, "config: cache.redis_url: must have the form redis://"},
+		{"redis_url unix with one slash", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "unix:/run/redis.sock" }, ""},
+		{"redis_url with db 15 and trailing slash", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "redis://localhost/15/" }, ""},
+		{"redis_url without scheme", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "localhost:6379" }, "config: cache.redis_url: must have the form redis://"},
+		{"redis_url port 0", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "redis://localhost:0" }, "config: cache.redis_url: has a port out of range"},
+		{"redis_url db name", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "redis://localhost/policies" }, "config: cache.redis_url: may end only in a database number"},
+		{"redis_url unix without path", func(c *Config) { c.Cache.Store, c.Cache.RedisURL = "redis", "unix://" }, "config: cache.redis_url: must name an absolute socket path"},
+		{"redis_prefix too long", func(c *Config) { c.Cache.RedisPrefix = strings.Repeat("k", 65) }, "config: cache.redis_prefix: must be at most 64 bytes, not 65"},
+		{"redis_prefix not ASCII", func(c *Config) { c.Cache.RedisPrefix = "stsmäp:" }, `config: cache.redis_prefix: must be printable ASCII without spaces, not "stsmäp:"`},
+		{"redis_prefix with a newline", func(c *Config) { c.Cache.RedisPrefix = "sts\n" }, `config: cache.redis_prefix: must be printable ASCII without spaces, not "sts\n"`},
+		{"renew_before too long", func(c *Config) { c.Refresh.RenewBefore = 721 * time.Hour }, "config: refresh.renew_before: must be at most 720h0m0s, not 721h0m0s"},
+		{"idle_after too short", func(c *Config) { c.Refresh.IdleAfter = 59 * time.Minute }, "config: refresh.idle_after: must be at least 1h0m0s, not 59m0s"},
+		{"idle_after shorter than interval", func(c *Config) { c.Refresh.Interval, c.Refresh.IdleAfter = 3*time.Hour, 2*time.Hour }, "config: refresh.idle_after: must be longer than refresh.interval (3h0m0s), not 2h0m0s"},
 		{"unix socket", func(c *Config) { c.Listen = []string{"unix:/run/stsmap.sock"} }, ""},
 	}
 	for _, tt := range tests {
@@ -387,7 +454,8 @@ func TestValidate(t *testing.T) {
 		t.Fatal("Config{}.Validate() = nil, want errors")
 	}
 	lines := strings.Split(err.Error(), "\n")
-	for _, want := range []string{"listen:", "max_connections:", "dns.timeout:", "fetch.timeout:", "cache.size:", "log.format:"} {
+	for _, want := range []string{"listen:", "max_connections:", "dns.timeout:", "fetch.timeout:", "cache.size:", "cache.store:", "cache.redis_prefix:",
+		"refresh.interval:", "refresh.concurrency:", "refresh.idle_after:", "log.format:"} {
 		if !slices.ContainsFunc(lines, func(l string) bool { return strings.Contains(l, want) }) {
 			t.Errorf("Config{}.Validate() = %q, want a line about %s", err, want)
 		}
@@ -404,6 +472,8 @@ func FuzzParse(f *testing.F) {
 		}
 		f.Add(data)
 	}
+	f.Add([]byte("cache: {store: redis, redis_url: \"rediss://u:p@[::1]:6380/2\", redis_prefix: a}\nrefresh: {interval: 5m, idle_after: 1h}\n"))
+	f.Add([]byte("cache: {store: redis, redis_url: \"unix:///run/redis.sock\"}\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := Parse(data)
 		if err != nil {
@@ -421,6 +491,9 @@ func FuzzParse(f *testing.F) {
 			t.Errorf("Parse accepted a Config that fails Validate: %v", err)
 		}
 		c.MapSettings("postfix")
+		if p, err := c.StorePath(); err == nil && !filepath.IsAbs(p) {
+			t.Errorf("StorePath() = %q, want an absolute path", p)
+		}
 	})
 }
 
@@ -453,5 +526,97 @@ func TestErrorsAreBounded(t *testing.T) {
 	}
 	if got, want := lines[len(lines)-1], "config: and 5 more problems"; got != want {
 		t.Errorf("last line = %q, want %q", got, want)
+	}
+}
+
+func TestEscapeControl(t *testing.T) {
+	for in, want := range map[string]string{
+		"cannot unmarshal !\n``": `cannot unmarshal !\n` + "``",
+		"tab\there, NUL\x00":     `tab\there, NUL\x00`,
+		"plain é":                "plain é",
+	} {
+		if got := escapeControl(in); got != want {
+			t.Errorf("escapeControl(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// A Redis URL may hold a password; no message may show it.
+func TestRedisURLErrorsHidePassword(t *testing.T) {
+	for _, u := range []string{
+		"http://stsmap:s3cret@redis.example.net/0",
+		"redis://stsmap:s3cret@/0",
+		"redis://stsmap:s3cret@redis.example.net:99999/0",
+		"redis://stsmap:s3cret@redis.example.net/zero",
+		"redis://stsmap:s3cret@redis.example.net:port/0",
+		"redis://stsmap:s3cret@redis example.net/0",
+		"redis://stsmap:s3cret%zz@redis.example.net/0",
+		"unix://stsmap:s3cret@run/redis.sock",
+		"stsmap:s3cret@redis.example.net",
+		"redis://stsmap:s3cret\x7f@redis.example.net",
+		"redis://stsmap:12/34@redis.example.net/0",
+		"redis://stsmap:99999/0@redis.example.net",
+		"s3cret:/x@redis.example.net",
+	} {
+		c := Default()
+		c.Cache.Store, c.Cache.RedisURL = "redis", u
+		err := c.Validate()
+		if err == nil {
+			t.Errorf("Validate() with redis_url %q = nil, want an error", u)
+			continue
+		}
+		if strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("Validate() with redis_url %q = %q, which shows the password", u, err)
+		}
+	}
+}
+
+// fakeRoot makes StorePath see stsmap running as root, or not.
+func fakeRoot(t *testing.T, root bool) {
+	t.Helper()
+	saved := isRoot
+	isRoot = func() bool { return root }
+	t.Cleanup(func() { isRoot = saved })
+}
+
+func TestStorePath(t *testing.T) {
+	tests := []struct {
+		name string
+		path string            // cache.path
+		env  map[string]string // of STATE_DIRECTORY, XDG_STATE_HOME, HOME; the others are empty
+		root bool
+		want string // "" for an error
+	}{
+		{"cache.path", "/srv/policies.db", map[string]string{"STATE_DIRECTORY": "/var/lib/stsmap", "HOME": "/root"}, true, "/srv/policies.db"},
+		{"STATE_DIRECTORY", "", map[string]string{"STATE_DIRECTORY": "/var/lib/stsmap", "XDG_STATE_HOME": "/home/u/.state"}, false, "/var/lib/stsmap/policies.db"},
+		{"STATE_DIRECTORY of two", "", map[string]string{"STATE_DIRECTORY": "/var/lib/mta-sts:/var/lib/other", "HOME": "/home/u"}, false, "/var/lib/mta-sts/policies.db"},
+		{"STATE_DIRECTORY before root", "", map[string]string{"STATE_DIRECTORY": "/var/lib/private/stsmap"}, true, "/var/lib/private/stsmap/policies.db"},
+		{"relative STATE_DIRECTORY is ignored", "", map[string]string{"STATE_DIRECTORY": "stsmap", "HOME": "/home/u"}, false, "/home/u/.local/state/stsmap/policies.db"},
+		{"root", "", map[string]string{"XDG_STATE_HOME": "/root/.state", "HOME": "/root"}, true, "/var/lib/stsmap/policies.db"},
+		{"root without environment", "", nil, true, "/var/lib/stsmap/policies.db"},
+		{"XDG_STATE_HOME", "", map[string]string{"XDG_STATE_HOME": "/home/u/.state", "HOME": "/home/u"}, false, "/home/u/.state/stsmap/policies.db"},
+		{"relative XDG_STATE_HOME is ignored", "", map[string]string{"XDG_STATE_HOME": ".state", "HOME": "/home/u"}, false, "/home/u/.local/state/stsmap/policies.db"},
+		{"HOME", "", map[string]string{"HOME": "/home/u"}, false, "/home/u/.local/state/stsmap/policies.db"},
+		{"no HOME", "", nil, false, ""},
+		{"relative HOME", "", map[string]string{"HOME": "home/u"}, false, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, k := range []string{"STATE_DIRECTORY", "XDG_STATE_HOME", "HOME"} {
+				t.Setenv(k, tt.env[k])
+			}
+			fakeRoot(t, tt.root)
+			c := Default()
+			c.Cache.Path = tt.path
+			got, err := c.StorePath()
+			switch {
+			case tt.want == "" && err == nil:
+				t.Errorf("StorePath() = %q, want an error", got)
+			case tt.want == "" && !strings.Contains(err.Error(), "config: cache.path: "):
+				t.Errorf("StorePath() error %q does not name cache.path", err)
+			case tt.want != "" && (err != nil || got != tt.want):
+				t.Errorf("StorePath() = %q, %v; want %q", got, err, tt.want)
+			}
+		})
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"gopkg.in/yaml.v3"
 )
@@ -29,6 +30,7 @@ type yamlConfig struct {
 	DNS       yamlDNS            `yaml:"dns"`
 	Fetch     yamlFetch          `yaml:"fetch"`
 	Cache     yamlCache          `yaml:"cache"`
+	Refresh   yamlRefresh        `yaml:"refresh"`
 	Maps      map[string]yamlMap `yaml:"maps"`
 	Log       yamlLog            `yaml:"log"`
 }
@@ -53,6 +55,17 @@ type yamlFetch struct {
 type yamlCache struct {
 	Size        yaml.Node `yaml:"size"`
 	NegativeTTL yaml.Node `yaml:"negative_ttl"`
+	Store       yaml.Node `yaml:"store"`
+	Path        yaml.Node `yaml:"path"`
+	RedisURL    yaml.Node `yaml:"redis_url"`
+	RedisPrefix yaml.Node `yaml:"redis_prefix"`
+}
+
+type yamlRefresh struct {
+	Interval    yaml.Node `yaml:"interval"`
+	RenewBefore yaml.Node `yaml:"renew_before"`
+	Concurrency yaml.Node `yaml:"concurrency"`
+	IdleAfter   yaml.Node `yaml:"idle_after"`
 }
 
 type yamlMap struct {
@@ -140,6 +153,14 @@ func (y *yamlConfig) apply(c *Config) []*configError {
 	field(&r, &c.Fetch.Timeout, &y.Fetch.Timeout, "fetch.timeout", readDuration)
 	field(&r, &c.Cache.Size, &y.Cache.Size, "cache.size", readInt)
 	field(&r, &c.Cache.NegativeTTL, &y.Cache.NegativeTTL, "cache.negative_ttl", readDuration)
+	field(&r, &c.Cache.Store, &y.Cache.Store, "cache.store", readString)
+	field(&r, &c.Cache.Path, &y.Cache.Path, "cache.path", readString)
+	field(&r, &c.Cache.RedisURL, &y.Cache.RedisURL, "cache.redis_url", readString)
+	field(&r, &c.Cache.RedisPrefix, &y.Cache.RedisPrefix, "cache.redis_prefix", readString)
+	field(&r, &c.Refresh.Interval, &y.Refresh.Interval, "refresh.interval", readDuration)
+	field(&r, &c.Refresh.RenewBefore, &y.Refresh.RenewBefore, "refresh.renew_before", readDuration)
+	field(&r, &c.Refresh.Concurrency, &y.Refresh.Concurrency, "refresh.concurrency", readInt)
+	field(&r, &c.Refresh.IdleAfter, &y.Refresh.IdleAfter, "refresh.idle_after", readDuration)
 	for _, name := range slices.Sorted(maps.Keys(y.Maps)) {
 		ym := y.Maps[name]
 		m := c.Maps[name] // "*" starts from the defaults, other names from nothing
@@ -414,7 +435,7 @@ func (ks keyIndex) find(match func(k *keyRef) bool) *keyRef {
 var (
 	unknownKeyRE  = regexp.MustCompile(`^line (\d+): field (.*) not found in type (\S+)$`)
 	repeatedKeyRE = regexp.MustCompile(`^line (\d+): mapping key (".*") already defined at line (\d+)$`)
-	wrongKindRE   = regexp.MustCompile(`(?s)^line (\d+): cannot unmarshal !!(\w+).* into (\S+)$`)
+	wrongKindRE   = regexp.MustCompile(`(?s)^line (\d+): cannot unmarshal !(!?\w*).* into (\S+)$`)
 	lineRE        = regexp.MustCompile(`(?s)^(?:yaml: )?line (\d+): (.*)$`)
 )
 
@@ -465,11 +486,30 @@ func typeError(msg string, ks keyIndex) *configError {
 
 // syntaxError rewrites an error of yaml.v3 that is not about one key.
 func syntaxError(err error) *configError {
-	msg := err.Error()
+	msg := escapeControl(err.Error())
 	if m := lineRE.FindStringSubmatch(msg); m != nil {
 		return &configError{line: atoi(m[1]), msg: "invalid YAML: " + m[2]}
 	}
 	return &configError{msg: "invalid YAML: " + strings.TrimPrefix(msg, "yaml: ")}
+}
+
+// escapeControl writes the control characters of s as Go escapes: a
+// message of yaml.v3 may repeat a tag of the file that holds a newline, and
+// an error has one line per problem.
+func escapeControl(s string) string {
+	if strings.IndexFunc(s, unicode.IsControl) < 0 {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		} else {
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }
 
 func atoi(s string) int {
