@@ -27,6 +27,7 @@ import (
 	"stsmap/config"
 	"stsmap/policycache"
 	"stsmap/policymap"
+	"stsmap/policystore"
 	"stsmap/resolver"
 	"stsmap/socketmap"
 )
@@ -150,14 +151,50 @@ func newResolver(cfg *config.Config, e *env) (*resolver.Resolver, error) {
 	}, nil
 }
 
-func newCache(cfg *config.Config, src policycache.Source, log *slog.Logger) *policycache.Cache {
-	return policycache.New(src, policycache.Config{
+// newCache builds the policy cache; the daemon's also refreshes in the
+// background, stsmap query's only discovers.
+func newCache(cfg *config.Config, src policycache.Source, store policycache.Store, refresh bool, log *slog.Logger) *policycache.Cache {
+	c := policycache.Config{
 		Size:                cfg.Cache.Size,
 		NegativeTTL:         cfg.Cache.NegativeTTL,
 		FirstContactTimeout: cfg.Fetch.FirstContactTimeout,
 		FetchTimeout:        cfg.Fetch.Timeout,
+		Store:               store,
 		Logger:              log,
-	})
+	}
+	if refresh {
+		c.Refresh = policycache.RefreshConfig{
+			Interval:    cfg.Refresh.Interval,
+			RenewBefore: cfg.Refresh.RenewBefore,
+			Concurrency: cfg.Refresh.Concurrency,
+			IdleAfter:   cfg.Refresh.IdleAfter,
+		}
+	}
+	return policycache.New(src, c)
+}
+
+// openStore opens the policy store cache.store names; nil for memory.
+func openStore(cfg *config.Config, log *slog.Logger) (policycache.Store, error) {
+	switch cfg.Cache.Store {
+	case "bolt":
+		path, err := cfg.StorePath()
+		if err != nil {
+			return nil, fmt.Errorf("cache.path: %w", err)
+		}
+		b, err := policystore.OpenBolt(path, log)
+		if err != nil {
+			return nil, err
+		}
+		if moved := b.MovedAside(); moved != "" {
+			log.Error("the policy store was damaged: moved aside, starting with an empty cache; policies are learned again as Postfix asks",
+				"path", path, "moved_to", moved)
+		}
+		return b, nil
+	case "redis":
+		return policystore.OpenRedis(policystore.RedisOptions{URL: cfg.Cache.RedisURL, Prefix: cfg.Cache.RedisPrefix, Logger: log})
+	default:
+		return nil, nil
+	}
 }
 
 func runServe(ctx context.Context, args []string, e *env) int {
@@ -182,8 +219,24 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 		log.Error("cannot start", "err", err)
 		return exitUsage
 	}
-	cache := newCache(cfg, res, log)
-	defer cache.Close()
+	store, err := openStore(cfg, log)
+	if err != nil {
+		log.Error("cannot open the policy store; fix it, or set cache.store: memory to run without one", "store", cfg.Cache.Store, "err", err)
+		return exitNotFound
+	}
+	if store != nil {
+		defer store.Close()
+	}
+	cache := newCache(cfg, res, store, true, log)
+	defer cache.Close() // before store.Close: refreshes write to the store
+	if store != nil {
+		start := time.Now()
+		n, err := cache.LoadStore(ctx)
+		if err != nil {
+			log.Warn("could not load the policy store; starting with what it gave", "store", cfg.Cache.Store, "err", err)
+		}
+		log.Info("policy store loaded", "store", cfg.Cache.Store, "policies", n, "seconds", time.Since(start).Seconds())
+	}
 
 	srv := &socketmap.Server{
 		Handler:        &policymap.Handler{Cache: cache, Settings: func(name string) policymap.Settings { return policymap.Settings(cfg.MapSettings(name)) }, Logger: log},

@@ -44,6 +44,7 @@ func testConfig(w *fixture.World, listen ...string) *config.Config {
 	cfg := config.Default()
 	cfg.Listen = listen
 	cfg.DNS.Nameservers = []string{w.DNS.Addr}
+	cfg.Cache.Store = "memory"
 	cfg.Fetch.FirstContactTimeout = 10 * time.Second // loopback fixtures; the race detector is slow
 	return cfg
 }

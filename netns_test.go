@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 	if dir := os.Getenv(fixtureDirEnv); dir != "" {
 		os.Exit(serveFixture(dir))
 	}
+	if cfg := os.Getenv(daemonConfigEnv); cfg != "" {
+		os.Exit(runTestDaemon(cfg))
+	}
 	os.Exit(m.Run())
 }
 
@@ -184,7 +187,9 @@ func TestBinaryInNetns(t *testing.T) {
 
 	// The daemon with the embedded defaults, asked by Postfix's postmap on
 	// the documented address.
-	daemon := inNetns(ns, env, bin)
+	// The embedded store goes to $STATE_DIRECTORY, as under systemd.
+	stateDir := t.TempDir()
+	daemon := inNetns(ns, append(env, "STATE_DIRECTORY="+stateDir), bin)
 	logs, _ := daemon.StderrPipe()
 	if err := daemon.Start(); err != nil {
 		t.Fatal(err)
@@ -212,5 +217,8 @@ func TestBinaryInNetns(t *testing.T) {
 	daemon.Process.Signal(syscall.SIGTERM)
 	if err := daemon.Wait(); err != nil {
 		t.Errorf("stsmap after SIGTERM: %v; log:\n%s", err, logBuf.String())
+	}
+	if st, err := os.Stat(filepath.Join(stateDir, "policies.db")); err != nil || st.Size() == 0 {
+		t.Errorf("embedded store in $STATE_DIRECTORY: %v", err)
 	}
 }

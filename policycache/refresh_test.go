@@ -2,6 +2,7 @@ package policycache
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -271,11 +272,12 @@ func TestRefreshBoundedAndSpread(t *testing.T) {
 	})
 }
 
-// concurrencySource counts TXT lookups in flight; each takes a second.
+// concurrencySource counts TXT lookups in flight; each takes latency.
 type concurrencySource struct {
-	inFlight, maxInFlight, calls atomic.Int32
-	mu                           sync.Mutex
-	times                        map[time.Time]bool
+	latency                               time.Duration // 0: 1s
+	inFlight, maxInFlight, calls, fetches atomic.Int32
+	mu                                    sync.Mutex
+	times                                 map[time.Time]bool
 }
 
 func (s *concurrencySource) reset() {
@@ -307,11 +309,12 @@ func (s *concurrencySource) LookupRecord(ctx context.Context, domain string) (re
 		s.times[time.Now()] = true
 	}
 	s.mu.Unlock()
-	time.Sleep(time.Second)
+	time.Sleep(cmp.Or(s.latency, time.Second))
 	return resolver.Record{ID: "id1"}, nil
 }
 
 func (s *concurrencySource) FetchPolicy(ctx context.Context, domain string) (*resolver.Policy, error) {
+	s.fetches.Add(1)
 	return policyWithMX("mx."+domain, 24*time.Hour), nil
 }
 
@@ -352,6 +355,46 @@ func TestRefreshModeNoneReplacesPolicy(t *testing.T) {
 		e := c.Lookup(t.Context(), "example.com")
 		if e.Policy == nil || e.Policy.Mode != resolver.ModeNone || e.ID != "id2" {
 			t.Errorf("after the refresh: got %+v, want the cached mode none policy id2", e)
+		}
+	})
+}
+
+// At scale (issue figures): 100,000 cached domains with unchanged ids cost
+// one TXT query each per interval, no HTTPS fetch, and never more queries
+// in flight than refresh.concurrency.
+func TestRefreshAtScale(t *testing.T) {
+	n := 100000
+	if testing.Short() || raceEnabled {
+		n = 10000
+	}
+	synctest.Test(t, func(t *testing.T) {
+		src := &concurrencySource{latency: 20 * time.Millisecond} // a DNS round trip
+		cfg := refreshConfig()
+		cfg.Refresh.Concurrency = 8
+		cfg.Size = n
+		c := newTestCache(t, src, cfg)
+		for i := range n {
+			c.Lookup(t.Context(), fmt.Sprintf("d%d.example", i))
+		}
+		synctest.Wait()
+		src.reset()
+		fetchesBefore := src.fetches.Load()
+		const intervals = 5
+		time.Sleep(intervals * testInterval)
+		synctest.Wait()
+		calls := src.calls.Load()
+		perDomain := float64(calls) / float64(intervals*n)
+		t.Logf("%d domains, %d intervals: %d TXT queries (%.2f per domain per interval), %d fetches, at most %d in flight",
+			n, intervals, calls, perDomain, src.fetches.Load()-fetchesBefore, src.maxInFlight.Load())
+		if src.fetches.Load() != fetchesBefore {
+			t.Errorf("HTTPS fetches with unchanged ids: got %d, want 0", src.fetches.Load()-fetchesBefore)
+		}
+		if got := src.maxInFlight.Load(); got > 8 {
+			t.Errorf("queries in flight: got %d, want at most refresh.concurrency 8", got)
+		}
+		// Each domain is due every 1 to 1.1 intervals: 4 or 5 times in 5.
+		if perDomain < 0.8 || perDomain > 1.0 {
+			t.Errorf("TXT queries per domain per interval: got %.2f, want 0.8 to 1", perDomain)
 		}
 	})
 }

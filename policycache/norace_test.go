@@ -1,0 +1,5 @@
+//go:build !race
+
+package policycache
+
+const raceEnabled = false
