@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -18,6 +19,9 @@ import (
 
 	"stsmap/config"
 	"stsmap/internal/fixture"
+	"stsmap/policycache"
+	"stsmap/policystore"
+	"stsmap/resolver"
 )
 
 // Persistence and fleets, with stsmap as a real process that is killed and
@@ -262,4 +266,80 @@ func TestFleetSharesThroughRedis(t *testing.T) {
 			t.Errorf("no log line about the Redis outage:\n%s", d.logs())
 		}
 	}
+}
+
+// BenchmarkStartup100k measures start-up to first answer with 100,000
+// stored policies: open and load the bbolt store, listen, answer a cached
+// domain. It reports the store's size on disk.
+//
+//	go test -run '^$' -bench Startup100k -benchtime 5x .
+func BenchmarkStartup100k(b *testing.B) {
+	const n = 100000
+	dir := b.TempDir()
+	path := filepath.Join(dir, "policies.db")
+	fillStore(b, path, n)
+	st, err := os.Stat(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := config.Default()
+	cfg.Cache.Path = path
+	cfg.DNS.Nameservers = []string{"127.0.0.1:9"} // never asked: every answer is cached
+	sock := filepath.Join(dir, "s.sock")
+	cfg.Listen = []string{"unix:" + sock}
+	for b.Loop() {
+		ctx, cancel := context.WithCancel(context.Background())
+		ready := make(chan []net.Addr, 1)
+		done := make(chan int, 1)
+		e := &env{stdout: io.Discard, stderr: io.Discard, ready: func(a []net.Addr) { ready <- a }}
+		go func() { done <- serve(ctx, cfg, "bench", e) }()
+		<-ready
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			b.Fatal(err)
+		}
+		reply := make([]byte, 200)
+		io.WriteString(c, netstring("postfix d4242.example"))
+		k, _ := c.Read(reply)
+		if !strings.Contains(string(reply[:k]), "OK secure") {
+			b.Fatalf("first answer: %q", reply[:k])
+		}
+		b.StopTimer()
+		c.Close()
+		cancel()
+		<-done
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(st.Size()), "store_bytes")
+}
+
+// fillStore writes n enforce policies d0.example ... into a bbolt file.
+func fillStore(tb testing.TB, path string, n int) {
+	tb.Helper()
+	store, err := policystore.OpenBolt(path, nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer store.Close()
+	now := time.Now()
+	var wg sync.WaitGroup
+	work := make(chan int)
+	for range 500 {
+		wg.Go(func() {
+			for i := range work {
+				e := &policycache.Entry{Domain: fmt.Sprintf("d%d.example", i), ID: "20260101", Reason: policycache.ReasonPolicy,
+					Policy: &resolver.Policy{Mode: resolver.ModeEnforce, MaxAge: 7 * 24 * time.Hour,
+						MX: []string{fmt.Sprintf("mx1.d%d.example", i), "*.mail.example.net"}},
+					Fetched: now, Checked: now, Expires: now.Add(7 * 24 * time.Hour)}
+				if err := store.Put(context.Background(), e); err != nil {
+					tb.Error(err)
+				}
+			}
+		})
+	}
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
 }
