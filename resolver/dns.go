@@ -150,6 +150,10 @@ func (d *DNS) LookupHost(ctx context.Context, host string) ([]netip.Addr, error)
 	return nil, fmt.Errorf("%w: %s: no A or AAAA record", ErrNoRecord, clipName(host))
 }
 
+// errNoData marks the ErrNoRecord of a NODATA answer (the name exists
+// without records of the type), for callers that tell it from NXDOMAIN.
+var errNoData = errors.New("NODATA")
+
 // lookup resolves name and qtype to the RRs of type qtype at the end of the
 // name's CNAME chain (RFC 8461 §3.1: senders MUST follow CNAMEs). The
 // recursive resolver normally returns the chain and its target's records in
@@ -157,6 +161,11 @@ func (d *DNS) LookupHost(ctx context.Context, host string) ([]netip.Addr, error)
 // for any other name (a defence against answers for the wrong name) are
 // ignored. A chain that ends in a CNAME whose target has no data in the
 // answer is continued with a query for the target.
+//
+// The Answer's TTL is the smallest TTL of the CNAMEs on the chain and of
+// the RRset returned; for NXDOMAIN and NODATA, of the CNAMEs and the
+// denial's negative TTL (RFC 2308 §5), or 0 when the reply has no SOA to
+// take it from.
 func (d *DNS) lookup(ctx context.Context, name string, qtype uint16) ([]dns.RR, Answer, error) {
 	qname := dns.Fqdn(name)
 	if _, ok := dns.IsDomainName(qname); !ok || qname == "." {
@@ -164,6 +173,7 @@ func (d *DNS) lookup(ctx context.Context, name string, qtype uint16) ([]dns.RR, 
 	}
 	chain := []string{qname}
 	authentic := true
+	ttl := ^uint32(0)
 	cur := qname
 	for {
 		queried := cur
@@ -174,16 +184,19 @@ func (d *DNS) lookup(ctx context.Context, name string, qtype uint16) ([]dns.RR, 
 		// Answer.Authentic holds only if every reply that gave part of
 		// the chain or the data had the AD bit (RFC 4035 §3.2.3).
 		authentic = authentic && reply.AuthenticatedData
-		ans := Answer{Authentic: authentic}
 		if reply.Rcode == dns.RcodeNameError {
 			// SPEC 3.4: NXDOMAIN, of the name or of a CNAME target.
+			ans := Answer{Authentic: authentic, TTL: ttlDuration(min(ttl, negativeTTL(reply)))}
 			return nil, ans, fmt.Errorf("%w: %s %s: NXDOMAIN", ErrNoRecord, clipName(queried), dns.Type(qtype))
 		}
 		for {
 			if rrs := answerRRs(reply.Answer, cur, qtype); len(rrs) > 0 {
-				return rrs, ans, nil
+				for _, rr := range rrs {
+					ttl = min(ttl, rrTTL(rr.Header().Ttl))
+				}
+				return rrs, Answer{Authentic: authentic, TTL: ttlDuration(ttl)}, nil
 			}
-			target, err := answerCNAME(reply.Answer, cur)
+			target, cnameTTL, err := answerCNAME(reply.Answer, cur)
 			if err != nil {
 				return nil, Answer{}, fmt.Errorf("%w: %s %s: %v", ErrDNS, clipName(cur), dns.Type(qtype), err)
 			}
@@ -200,10 +213,12 @@ func (d *DNS) lookup(ctx context.Context, name string, qtype uint16) ([]dns.RR, 
 			}
 			chain = append(chain, target)
 			cur = target
+			ttl = min(ttl, cnameTTL)
 		}
 		if strings.EqualFold(cur, queried) {
 			// SPEC 3.4: NODATA, of the name or of a CNAME target.
-			return nil, ans, fmt.Errorf("%w: %s %s: NODATA", ErrNoRecord, clipName(cur), dns.Type(qtype))
+			ans := Answer{Authentic: authentic, TTL: ttlDuration(min(ttl, negativeTTL(reply)))}
+			return nil, ans, fmt.Errorf("%w: %s %s: %w", ErrNoRecord, clipName(cur), dns.Type(qtype), errNoData)
 		}
 		// The chain ends in a CNAME whose target has no data here: ask
 		// for the target.
@@ -224,23 +239,49 @@ func answerRRs(answer []dns.RR, owner string, qtype uint16) []dns.RR {
 	return rrs
 }
 
-// answerCNAME returns the target of the CNAME owned by owner, or "" when
-// there is none. Two CNAMEs with different targets at one owner (RFC 2181
-// §10.1 allows one) are an error.
-func answerCNAME(answer []dns.RR, owner string) (string, error) {
+// answerCNAME returns the target of the CNAME owned by owner and its TTL, or
+// "" when there is none. Two CNAMEs with different targets at one owner
+// (RFC 2181 §10.1 allows one) are an error.
+func answerCNAME(answer []dns.RR, owner string) (string, uint32, error) {
 	target := ""
+	ttl := ^uint32(0)
 	for _, rr := range answer {
 		cname, ok := rr.(*dns.CNAME)
 		if !ok || cname.Hdr.Class != dns.ClassINET || !strings.EqualFold(cname.Hdr.Name, owner) {
 			continue
 		}
 		if target != "" && !strings.EqualFold(target, cname.Target) {
-			return "", errors.New("several CNAMEs for one name")
+			return "", 0, errors.New("several CNAMEs for one name")
 		}
 		target = cname.Target
+		ttl = min(ttl, rrTTL(cname.Hdr.Ttl))
 	}
-	return target, nil
+	return target, ttl, nil
 }
+
+// negativeTTL is how long a denial may be cached (RFC 2308 §5): the smaller
+// of the TTL and the MINIMUM field of the SOA in the authority section, or
+// 0 when there is no SOA.
+func negativeTTL(reply *dns.Msg) uint32 {
+	for _, rr := range reply.Ns {
+		if soa, ok := rr.(*dns.SOA); ok && soa.Hdr.Class == dns.ClassINET {
+			return min(rrTTL(soa.Hdr.Ttl), rrTTL(soa.Minttl))
+		}
+	}
+	return 0
+}
+
+// rrTTL is a TTL as received, with RFC 2181 §8 applied: a value with the
+// top bit set is treated as 0.
+func rrTTL(ttl uint32) uint32 {
+	if ttl > 1<<31-1 {
+		return 0
+	}
+	return ttl
+}
+
+// ttlDuration converts a TTL in seconds.
+func ttlDuration(ttl uint32) time.Duration { return time.Duration(ttl) * time.Second }
 
 // query sends one question to the servers in order until one gives a final
 // answer: NOERROR or NXDOMAIN. A timeout, network error, malformed or

@@ -10,7 +10,8 @@ import (
 var (
 	// ErrNoRecord: the _mta-sts TXT name does not exist or has no TXT
 	// records (NXDOMAIN or NODATA), or none of them is an STSv1 record.
-	// The domain has no MTA-STS policy (SPEC 3.4).
+	// The domain has no MTA-STS policy (SPEC 3.4). LookupMX and
+	// LookupTLSA return it too, for a name without records of the type.
 	ErrNoRecord = errors.New("resolver: no MTA-STS record")
 	// ErrInvalidRecord: STSv1 records exist but not exactly one valid one
 	// (SPEC 3.2, 3.3).
@@ -67,8 +68,13 @@ type Policy struct {
 	Warnings []string
 }
 
-// Answer is a DNS answer's authentication state: whether the configured
-// resolver set the AD bit (DNSSEC-validated data, RFC 4035 §3.2.3).
+// Answer is what a lookup learned about a DNS answer beyond its data.
 type Answer struct {
+	// Authentic: the configured resolver set the AD bit (DNSSEC-validated
+	// data, RFC 4035 §3.2.3) on every reply that gave part of the answer.
 	Authentic bool
+	// TTL is the smallest TTL of the RRsets that gave the data (the CNAMEs
+	// followed included); for a denial, the negative TTL (RFC 2308 §5),
+	// 0 when the reply did not carry it.
+	TTL time.Duration
 }
