@@ -118,12 +118,16 @@ type RefreshConfig struct {
 type MapConfig struct {
 	StrictTesting *bool // answer "testing" policies like "enforce" (SPEC 7.2)
 	Servername    *bool // add servername=hostname to answers (SPEC 7.4, Postfix 3.4+)
+	TLSRPT        *bool // add the TLSRPT attributes to answers (SPEC 7.3, Postfix 3.10+)
 }
 
-// MapSettings are the settings in force for one map name.
+// MapSettings are the settings in force for one map name. main converts
+// them to policymap.Settings, so the two types keep the same fields in the
+// same order.
 type MapSettings struct {
 	StrictTesting bool
 	Servername    bool
+	TLSRPT        bool
 }
 
 // LogConfig holds the settings of the logger.
@@ -133,7 +137,7 @@ type LogConfig struct {
 }
 
 // builtinMapSettings are the settings of "*" when the file changes none.
-var builtinMapSettings = MapSettings{StrictTesting: false, Servername: true}
+var builtinMapSettings = MapSettings{StrictTesting: false, Servername: true, TLSRPT: false}
 
 // Default returns the configuration stsmap runs on without a file. Every
 // call returns a new Config.
@@ -172,6 +176,7 @@ func Default() *Config {
 			"*": {
 				StrictTesting: new(builtinMapSettings.StrictTesting),
 				Servername:    new(builtinMapSettings.Servername),
+				TLSRPT:        new(builtinMapSettings.TLSRPT),
 			},
 		},
 		Log: LogConfig{
@@ -198,6 +203,9 @@ func (m MapConfig) over(s MapSettings) MapSettings {
 	}
 	if m.Servername != nil {
 		s.Servername = *m.Servername
+	}
+	if m.TLSRPT != nil {
+		s.TLSRPT = *m.TLSRPT
 	}
 	return s
 }

@@ -149,7 +149,13 @@ func TestOverrides(t *testing.T) {
 			c.Refresh = RefreshConfig{Interval: 24 * time.Hour, RenewBefore: 720 * time.Hour, Concurrency: 256, IdleAfter: 24*time.Hour + time.Second}
 		}},
 		{"star map", `maps: {"*": {strict_testing: true}}`, func(c *Config) {
-			c.Maps["*"] = MapConfig{StrictTesting: new(true), Servername: new(true)}
+			c.Maps["*"] = MapConfig{StrictTesting: new(true), Servername: new(true), TLSRPT: new(false)}
+		}},
+		{"star map tlsrpt", `maps: {"*": {tlsrpt: true}}`, func(c *Config) {
+			c.Maps["*"] = MapConfig{StrictTesting: new(false), Servername: new(true), TLSRPT: new(true)}
+		}},
+		{"named map tlsrpt", `maps: {postfix310: {tlsrpt: true}}`, func(c *Config) {
+			c.Maps["postfix310"] = MapConfig{TLSRPT: new(true)}
 		}},
 		{"named map", `maps: {postfix: {servername: false}}`, func(c *Config) {
 			c.Maps["postfix"] = MapConfig{Servername: new(false)}
@@ -211,9 +217,9 @@ func TestMapSettings(t *testing.T) {
 		want  map[string]MapSettings // map name -> settings
 	}{
 		{"defaults", "", map[string]MapSettings{
-			"*":       {StrictTesting: false, Servername: true},
-			"postfix": {StrictTesting: false, Servername: true},
-			"":        {StrictTesting: false, Servername: true},
+			"*":       {StrictTesting: false, Servername: true, TLSRPT: false},
+			"postfix": {StrictTesting: false, Servername: true, TLSRPT: false},
+			"":        {StrictTesting: false, Servername: true, TLSRPT: false},
 		}},
 		{"named map inherits star", "maps:\n  postfix: {strict_testing: true}\n", map[string]MapSettings{
 			"postfix": {StrictTesting: true, Servername: true},
@@ -231,6 +237,19 @@ func TestMapSettings(t *testing.T) {
 		}},
 		{"named map without settings", "maps:\n  postfix:\n  \"*\": {strict_testing: true}\n", map[string]MapSettings{
 			"postfix": {StrictTesting: true, Servername: true},
+		}},
+		{"tlsrpt for one map name", "maps:\n  postfix310: {tlsrpt: true}\n", map[string]MapSettings{
+			"postfix310": {StrictTesting: false, Servername: true, TLSRPT: true},
+			"postfix":    {StrictTesting: false, Servername: true, TLSRPT: false},
+			"*":          {StrictTesting: false, Servername: true, TLSRPT: false},
+		}},
+		{"tlsrpt inherited from star", "maps:\n  \"*\": {tlsrpt: true}\n  postfix: {strict_testing: true}\n", map[string]MapSettings{
+			"postfix": {StrictTesting: true, Servername: true, TLSRPT: true},
+			"other":   {StrictTesting: false, Servername: true, TLSRPT: true},
+		}},
+		{"tlsrpt overridden for an old Postfix", "maps:\n  \"*\": {tlsrpt: true}\n  postfix39: {tlsrpt: false}\n", map[string]MapSettings{
+			"postfix39": {StrictTesting: false, Servername: true, TLSRPT: false},
+			"other":     {StrictTesting: false, Servername: true, TLSRPT: true},
 		}},
 	}
 	for _, tt := range tests {
@@ -274,6 +293,7 @@ var rejected = map[string]string{
 	"bad_port.yaml":                         `line 2: listen[0]: port must be a number from 1 to 65535, not "84610"`,
 	"bare_int_duration.yaml":                `line 4: fetch.timeout: 30 has no unit; write a duration such as "30s"`,
 	"bool_yes.yaml":                         `line 4: maps.*.strict_testing: must be true or false, not "yes"`,
+	"tlsrpt_yes.yaml":                       `line 6: maps.postfix310.tlsrpt: must be true or false, not "yes"`,
 	"cache_size_zero.yaml":                  `line 3: cache.size: must be at least 1`,
 	"dns_timeout_too_long.yaml":             `line 3: dns.timeout: must be at most 30s`,
 	"duplicate_key.yaml":                    `line 5: dns.timeout: repeated; first set at line 3`,
@@ -286,7 +306,7 @@ var rejected = map[string]string{
 	"int_overflow.yaml":                     `line 3: cache.size: 99999999999999999999999 is out of range`,
 	"list_map_name.yaml":                    `line 3: maps: a map name must be a plain string`,
 	"listen_not_list.yaml":                  `line 2: listen: must be a list`,
-	"map_not_mapping.yaml":                  `line 3: maps.postfix: must be a mapping with the keys strict_testing, servername`,
+	"map_not_mapping.yaml":                  `line 3: maps.postfix: must be a mapping with the keys strict_testing, servername, tlsrpt`,
 	"max_connections_zero.yaml":             `line 3: socketmap.max_connections: must be at least 1`,
 	"max_request_size_large.yaml":           `line 3: socketmap.max_request_size: must be between 256 and 1048576 bytes, not 2000000`,
 	"max_request_size_small.yaml":           `line 3: socketmap.max_request_size: must be between 256 and 1048576 bytes, not 100`,
@@ -310,7 +330,7 @@ var rejected = map[string]string{
 	"timeout_lt_default_first_contact.yaml": `line 3: fetch.first_contact_timeout: must not be longer than fetch.timeout (2s), not 5s`,
 	"two_documents.yaml":                    `line 3: a second YAML document starts here`,
 	"unknown_key.yaml":                      `line 3: unknown key "nameserver" in dns; known keys: nameservers, timeout`,
-	"unknown_map_key.yaml":                  `line 5: unknown key "strict" in maps.postfix; known keys: strict_testing, servername`,
+	"unknown_map_key.yaml":                  `line 5: unknown key "strict" in maps.postfix; known keys: strict_testing, servername, tlsrpt`,
 	"unknown_top_key.yaml":                  `line 2: unknown key "listens"; known keys: listen, socketmap`,
 	"wrong_type.yaml":                       `line 3: socketmap.max_connections: must be a whole number, not "lots"`,
 	"zero_idle_timeout.yaml":                `line 3: socketmap.idle_timeout: must be greater than 0`,

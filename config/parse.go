@@ -71,6 +71,7 @@ type yamlRefresh struct {
 type yamlMap struct {
 	StrictTesting yaml.Node `yaml:"strict_testing"`
 	Servername    yaml.Node `yaml:"servername"`
+	TLSRPT        yaml.Node `yaml:"tlsrpt"`
 }
 
 type yamlLog struct {
@@ -170,6 +171,9 @@ func (y *yamlConfig) apply(c *Config) []*configError {
 		}
 		if field(&r, &b, &ym.Servername, "maps."+name+".servername", readBool) {
 			m.Servername = new(b)
+		}
+		if field(&r, &b, &ym.TLSRPT, "maps."+name+".tlsrpt", readBool) {
+			m.TLSRPT = new(b)
 		}
 		c.Maps[name] = m
 	}

@@ -17,6 +17,7 @@ var (
 	plain  = Settings{}
 	sni    = Settings{Servername: true}
 	strict = Settings{StrictTesting: true, Servername: true}
+	tlsrpt = Settings{Servername: true, TLSRPT: true}
 )
 
 func TestAnswer(t *testing.T) {
@@ -91,21 +92,21 @@ func TestAnswer(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			checkAnswer(t, tt.policy, tt.settings, tt.want)
+			checkAnswer(t, "example.com", tt.policy, tt.settings, tt.want)
 		})
 	}
 }
 
 // checkAnswer checks Answer and AppendAnswer, the latter onto a non-empty
 // buffer that must be left as it was on NOTFOUND.
-func checkAnswer(t *testing.T, p *resolver.Policy, s Settings, want string) {
+func checkAnswer(t *testing.T, domain string, p *resolver.Policy, s Settings, want string) {
 	t.Helper()
-	got, ok := Answer(p, s)
+	got, ok := Answer(domain, p, s)
 	if wantOK := want != ""; ok != wantOK || got != want {
 		t.Errorf("Answer: got %q, %v; want %q, %v", got, ok, want, wantOK)
 	}
 	const prefix = "OK "
-	buf, ok := AppendAnswer([]byte(prefix), p, s)
+	buf, ok := AppendAnswer([]byte(prefix), domain, p, s)
 	if want == "" {
 		if ok || string(buf) != prefix {
 			t.Errorf("AppendAnswer: got %q, %v; want %q, false", buf, ok, prefix)
@@ -140,7 +141,7 @@ func TestAnswerLargePolicy(t *testing.T) {
 	}
 	want.WriteString(" servername=hostname")
 
-	got, ok := AppendAnswer(nil, policy(resolver.ModeEnforce, mx...), sni)
+	got, ok := AppendAnswer(nil, "example.net", policy(resolver.ModeEnforce, mx...), sni)
 	if !ok {
 		t.Fatalf("AppendAnswer with %d mx: got NOTFOUND", len(mx))
 	}
@@ -163,37 +164,44 @@ func TestAnswerLongDuplicates(t *testing.T) {
 			want = append(want, host, "."+host)
 		}
 	}
-	checkAnswer(t, policy(resolver.ModeEnforce, mx...), plain, "secure match="+strings.Join(want, ":"))
+	checkAnswer(t, "example.net", policy(resolver.ModeEnforce, mx...), plain, "secure match="+strings.Join(want, ":"))
 }
 
 // TestAppendAnswerAllocs holds the hot path to its budget: appending to a
-// buffer with room costs nothing.
+// buffer with room costs nothing, with or without the TLSRPT attributes.
 func TestAppendAnswerAllocs(t *testing.T) {
 	p := policy(resolver.ModeEnforce, "mx1.example.net", "mx2.example.net", "*.example.net")
-	buf := make([]byte, 0, 512)
-	got := testing.AllocsPerRun(100, func() {
-		buf, _ = AppendAnswer(buf[:0], p, sni)
-	})
-	if got != 0 {
-		t.Errorf("AppendAnswer: got %v allocations, want 0", got)
+	p.Lines = []string{"version: STSv1", "mode: enforce", "mx: mx1.example.net", "mx: mx2.example.net", "mx: *.example.net", "max_age: 86400"}
+	for _, s := range []Settings{plain, sni, tlsrpt} {
+		buf := make([]byte, 0, 1024)
+		got := testing.AllocsPerRun(100, func() {
+			buf, _ = AppendAnswer(buf[:0], "example.net", p, s)
+		})
+		if got != 0 {
+			t.Errorf("AppendAnswer with %+v: got %v allocations, want 0", s, got)
+		}
 	}
 }
 
 func BenchmarkAppendAnswer(b *testing.B) {
+	three := policy(resolver.ModeEnforce, "mx1.example.net", "mx2.example.net", "*.example.net")
+	three.Lines = []string{"version: STSv1", "mode: enforce", "mx: mx1.example.net", "mx: mx2.example.net", "mx: *.example.net", "max_age: 86400"}
 	benchmarks := []struct {
-		name   string
-		policy *resolver.Policy
+		name     string
+		policy   *resolver.Policy
+		settings Settings
 	}{
-		{"one_mx", policy(resolver.ModeEnforce, "mx1.example.net")},
-		{"three_mx", policy(resolver.ModeEnforce, "mx1.example.net", "mx2.example.net", "*.example.net")},
-		{"notfound", policy(resolver.ModeTesting, "mx1.example.net")},
+		{"one_mx", policy(resolver.ModeEnforce, "mx1.example.net"), sni},
+		{"three_mx", three, sni},
+		{"three_mx_tlsrpt", three, tlsrpt},
+		{"notfound", policy(resolver.ModeTesting, "mx1.example.net"), sni},
 	}
 	for _, bm := range benchmarks {
 		b.Run(bm.name, func(b *testing.B) {
 			b.ReportAllocs()
-			buf := make([]byte, 0, 512)
+			buf := make([]byte, 0, 1024)
 			for b.Loop() {
-				buf, _ = AppendAnswer(buf[:0], bm.policy, sni)
+				buf, _ = AppendAnswer(buf[:0], "example.net", bm.policy, bm.settings)
 			}
 		})
 	}
@@ -205,13 +213,35 @@ func ExampleAnswer() {
 		MaxAge: 7 * 24 * time.Hour,
 		MX:     []string{"mx1.example.com", "*.example.net"},
 	}
-	text, ok := Answer(p, Settings{Servername: true})
+	text, ok := Answer("example.com", p, Settings{Servername: true})
 	fmt.Println(ok, text)
 
 	p.Mode = resolver.ModeTesting
-	text, ok = Answer(p, Settings{})
+	text, ok = Answer("example.com", p, Settings{})
 	fmt.Println(ok, text == "")
 	// Output:
 	// true secure match=mx1.example.com:.example.net servername=hostname
 	// false true
+}
+
+// The TLSRPT attributes of Postfix 3.10 (SPEC 7.3), one per line here.
+func ExampleAnswer_tlsrpt() {
+	p := &resolver.Policy{
+		Mode:   resolver.ModeEnforce,
+		MaxAge: 7 * 24 * time.Hour,
+		MX:     []string{"mx1.example.com", "*.example.net"},
+		Lines:  []string{"version: STSv1", "mode: enforce", "mx: mx1.example.com", "mx: *.example.net", "max_age: 604800"},
+	}
+	text, _ := Answer("example.com", p, Settings{Servername: true, TLSRPT: true})
+	fmt.Println(strings.NewReplacer(" policy_type", "\n policy_type", " mx_host", "\n mx_host", " {", "\n {").Replace(text))
+	// Output:
+	// secure match=mx1.example.com:.example.net servername=hostname
+	//  policy_type=sts policy_domain=example.com
+	//  mx_host_pattern=mx1.example.com
+	//  mx_host_pattern=*.example.net
+	//  { policy_string = version: STSv1 }
+	//  { policy_string = mode: enforce }
+	//  { policy_string = mx: mx1.example.com }
+	//  { policy_string = mx: *.example.net }
+	//  { policy_string = max_age: 604800 }
 }

@@ -37,7 +37,7 @@ func (h *Handler) ServeSocketmap(ctx context.Context, name, key string) socketma
 		return socketmap.NotFound() // SPEC 2.4
 	}
 	e := h.Cache.Lookup(ctx, domain)
-	text, ok := Answer(e.Policy, h.Settings(name))
+	text, ok := Answer(domain, e.Policy, h.Settings(name))
 	if !ok {
 		return socketmap.NotFound() // SPEC 7.2
 	}
@@ -83,7 +83,7 @@ func Explain(ctx context.Context, c Lookuper, key string, s Settings) Result {
 		return r
 	}
 	r.Mode, r.MX, r.MaxAge = string(e.Policy.Mode), e.Policy.MX, int64(e.Policy.MaxAge/time.Second)
-	r.Answer, r.Found = Answer(e.Policy, s)
+	r.Answer, r.Found = Answer(domain, e.Policy, s)
 	if !r.Found {
 		r.Reason = notFoundReason(e, s)
 	}
