@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"stsmap/config"
+	"stsmap/dane"
 	"stsmap/policycache"
 	"stsmap/policymap"
 	"stsmap/policystore"
@@ -173,6 +174,11 @@ func newCache(cfg *config.Config, src policycache.Source, store policycache.Stor
 	return policycache.New(src, c)
 }
 
+// newDANE builds the DANE checker on the configured resolver (SPEC 7.5).
+func newDANE(res *resolver.Resolver, log *slog.Logger) *dane.Checker {
+	return dane.New(res.DNS, dane.Config{Logger: log})
+}
+
 // openStore opens the policy store cache.store names; nil for memory.
 func openStore(cfg *config.Config, log *slog.Logger) (policycache.Store, error) {
 	switch cfg.Cache.Store {
@@ -238,8 +244,19 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 		log.Info("policy store loaded", "store", cfg.Cache.Store, "policies", n, "seconds", time.Since(start).Seconds())
 	}
 
+	handler := &policymap.Handler{
+		Cache:       cache,
+		Settings:    func(name string) policymap.Settings { return policymap.Settings(cfg.MapSettings(name)) },
+		DANETimeout: cfg.Fetch.FirstContactTimeout,
+		Logger:      log,
+	}
+	if cfg.DANE == "auto" {
+		checker := newDANE(res, log)
+		defer checker.Close()
+		handler.DANE = checker
+	}
 	srv := &socketmap.Server{
-		Handler:        &policymap.Handler{Cache: cache, Settings: func(name string) policymap.Settings { return policymap.Settings(cfg.MapSettings(name)) }, Logger: log},
+		Handler:        handler,
 		Logger:         log,
 		MaxRequestSize: cfg.Socketmap.MaxRequestSize,
 		IdleTimeout:    cfg.Socketmap.IdleTimeout,

@@ -42,7 +42,13 @@ func runQuery(ctx context.Context, args []string, e *env) int {
 	cache := newCache(cfg, res, nil, false, log) // live discovery only: the daemon may hold the store
 	defer cache.Close()
 
-	r := policymap.Explain(ctx, cache, fs.Arg(0), policymap.Settings(cfg.MapSettings(*mapName)))
+	h := &policymap.Handler{Cache: cache, DANETimeout: cfg.Fetch.Timeout}
+	if cfg.DANE == "auto" {
+		checker := newDANE(res, log)
+		defer checker.Close()
+		h.DANE = checker
+	}
+	r := h.Explain(ctx, fs.Arg(0), policymap.Settings(cfg.MapSettings(*mapName)))
 	if *asJSON {
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")

@@ -46,6 +46,9 @@ type Config struct {
 	// "socketmap:inet:127.0.0.1:8461:postfix". "*" stands for every name
 	// not listed. Read them through MapSettings.
 	Maps map[string]MapConfig
+	// DANE is "auto" (a DANE level instead of secure for domains whose MX
+	// hosts have DNSSEC-authenticated TLSA records, SPEC 7.5) or "off".
+	DANE string
 	Log  LogConfig
 }
 
@@ -179,6 +182,7 @@ func Default() *Config {
 				TLSRPT:        new(builtinMapSettings.TLSRPT),
 			},
 		},
+		DANE: "auto",
 		Log: LogConfig{
 			Level:  slog.LevelInfo,
 			Format: "text",
@@ -431,6 +435,9 @@ func (c *Config) validate() []*configError {
 	case slog.LevelDebug, slog.LevelInfo, slog.LevelWarn, slog.LevelError:
 	default:
 		add("log.level", "must be debug, info, warn or error, not %v", c.Log.Level)
+	}
+	if c.DANE != "auto" && c.DANE != "off" {
+		add("dane", "must be auto or off, not %q", c.DANE)
 	}
 	if c.Log.Format != "text" && c.Log.Format != "json" {
 		add("log.format", "must be text or json, not %q", c.Log.Format)

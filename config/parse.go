@@ -32,6 +32,7 @@ type yamlConfig struct {
 	Cache     yamlCache          `yaml:"cache"`
 	Refresh   yamlRefresh        `yaml:"refresh"`
 	Maps      map[string]yamlMap `yaml:"maps"`
+	DANE      yaml.Node          `yaml:"dane"`
 	Log       yamlLog            `yaml:"log"`
 }
 
@@ -177,6 +178,7 @@ func (y *yamlConfig) apply(c *Config) []*configError {
 		}
 		c.Maps[name] = m
 	}
+	field(&r, &c.DANE, &y.DANE, "dane", readString)
 	field(&r, &c.Log.Level, &y.Log.Level, "log.level", readLevel)
 	field(&r, &c.Log.Format, &y.Log.Format, "log.format", readString)
 	return r.errs

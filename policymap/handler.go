@@ -1,10 +1,15 @@
 package policymap
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"log/slog"
+	"strconv"
+	"strings"
 	"time"
 
+	"stsmap/dane"
 	"stsmap/policycache"
 	"stsmap/resolver"
 	"stsmap/socketmap"
@@ -17,13 +22,24 @@ type Lookuper interface {
 
 var _ Lookuper = (*policycache.Cache)(nil)
 
+// DANEChecker is what the handler needs from package dane.
+type DANEChecker interface {
+	Check(ctx context.Context, nexthop string, port int, host bool) (dane.Level, error)
+}
+
+var _ DANEChecker = (*dane.Checker)(nil)
+
 // Handler answers Postfix's smtp_tls_policy_maps lookups (SPEC 2, 7).
 type Handler struct {
 	Cache Lookuper
 	// Settings returns the settings of a socketmap map name (the last
 	// field of socketmap:inet:HOST:PORT:NAME).
 	Settings func(mapName string) Settings
-	Logger   *slog.Logger
+	// DANE, when set, gives DANE levels precedence over MTA-STS (SPEC
+	// 7.5); a check is waited for at most DANETimeout (0: 5s).
+	DANE        DANEChecker
+	DANETimeout time.Duration
+	Logger      *slog.Logger
 }
 
 var _ socketmap.Handler = (*Handler)(nil)
@@ -36,12 +52,53 @@ func (h *Handler) ServeSocketmap(ctx context.Context, name, key string) socketma
 	if err != nil {
 		return socketmap.NotFound() // SPEC 2.4
 	}
+	switch h.daneLevel(ctx, key, domain) {
+	case dane.DaneOnly:
+		return socketmap.OK("dane-only")
+	case dane.Dane:
+		return socketmap.OK("dane")
+	case dane.Temp:
+		// The MX hosts are DNSSEC-authenticated but their TLSA lookup
+		// failed: Postfix itself defers in that case (RFC 7672 §2.2).
+		return socketmap.Temp("DANE TLSA lookup failed")
+	}
 	e := h.Cache.Lookup(ctx, domain)
 	text, ok := Answer(domain, e.Policy, h.Settings(name))
 	if !ok {
 		return socketmap.NotFound() // SPEC 7.2
 	}
 	return socketmap.OK(text)
+}
+
+// daneLevel returns the DANE level of the next hop, or dane.None when DANE
+// is off or the check did not finish in time (it goes on in the background
+// and its result is cached): a slow resolver must not defer mail.
+func (h *Handler) daneLevel(ctx context.Context, key, domain string) dane.Level {
+	if h.DANE == nil {
+		return dane.None
+	}
+	ctx, cancel := context.WithTimeout(ctx, cmp.Or(h.DANETimeout, 5*time.Second))
+	defer cancel()
+	port, host := nexthopShape(key)
+	lvl, err := h.DANE.Check(ctx, domain, port, host)
+	if lvl == dane.Temp && !errors.Is(err, dane.ErrTLSALookup) {
+		return dane.None
+	}
+	return lvl
+}
+
+// nexthopShape tells a bracketed next hop ("[host]", "[host]:587": no MX
+// lookup) from a domain, and its port (25 unless given).
+func nexthopShape(key string) (port int, host bool) {
+	k := strings.TrimSpace(key)
+	host = strings.HasPrefix(k, "[")
+	port = 25
+	if i := strings.LastIndexByte(k, ':'); i > 0 && (!host || k[i-1] == ']') {
+		if p, err := strconv.Atoi(k[i+1:]); err == nil && p > 0 && p < 65536 {
+			port = p
+		}
+	}
+	return port, host
 }
 
 // Result explains one lookup, for `stsmap query -json`.
@@ -51,6 +108,7 @@ type Result struct {
 	Found    bool       `json:"found"`
 	Answer   string     `json:"answer,omitempty"`
 	Reason   string     `json:"reason"`
+	DANE     string     `json:"dane,omitempty"`
 	Error    string     `json:"error,omitempty"`
 	PolicyID string     `json:"policy_id,omitempty"`
 	Mode     string     `json:"mode,omitempty"`
@@ -64,8 +122,9 @@ type Result struct {
 // it is. Reason is "policy" for a found policy; for NOTFOUND a skipped key's
 // reason (SkipReason), a cache reason (no_record, invalid_record,
 // dns_failure, fetch_failed, invalid_policy, discovery_pending), or
-// mode_testing, mode_none, no_usable_mx for a policy that gives no answer.
-func Explain(ctx context.Context, c Lookuper, key string, s Settings) Result {
+// mode_testing, mode_none, no_usable_mx for a policy that gives no answer;
+// "dane" when a DANE level takes precedence (DANE says which).
+func (h *Handler) Explain(ctx context.Context, key string, s Settings) Result {
 	r := Result{Key: key}
 	domain, err := NormalizeKey(key)
 	if err != nil {
@@ -73,6 +132,14 @@ func Explain(ctx context.Context, c Lookuper, key string, s Settings) Result {
 		return r
 	}
 	r.Domain = domain
+	if lvl := h.daneLevel(ctx, key, domain); lvl != dane.None {
+		r.DANE, r.Reason = lvl.String(), "dane"
+		if lvl != dane.Temp {
+			r.Found, r.Answer = true, lvl.String()
+		}
+		return r
+	}
+	c := h.Cache
 	e := c.Lookup(ctx, domain)
 	r.Reason, r.Error, r.PolicyID = string(e.Reason), e.Err, e.ID
 	if !e.Fetched.IsZero() && e.Reason != policycache.ReasonPending {
