@@ -20,11 +20,7 @@ const tlsa = "3 1 1 0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab
 // reference client, prints each answer verbatim (SPEC 1.6, 7.3, 7.5).
 func TestDANEAndTLSRPTWithValidatingResolver(t *testing.T) {
 	for _, tool := range []struct{ name, pkg string }{{"unbound", "unbound"}, {"nsd", "nsd"}, {"ldns-signzone", "ldnsutils"}} {
-		if _, err := exec.LookPath(tool.name); err != nil {
-			if _, err := os.Stat(filepath.Join("/usr/sbin", tool.name)); err != nil {
-				requireTool(t, tool.name, tool.pkg)
-			}
-		}
+		requireTool(t, tool.name, tool.pkg)
 	}
 	postmap := requireTool(t, "postmap", "postfix")
 	w := fixture.NewWorld(t) // its policy server and CA; DNS comes from the signed zone

@@ -288,19 +288,7 @@ func TestCommandUsage(t *testing.T) {
 	}
 }
 
-// requireTool skips when a command is missing, except in CI, where .ci/run
-// installs it and its absence is a failure.
-func requireTool(t *testing.T, name, pkg string) string {
-	t.Helper()
-	path, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s not found in CI: .ci/run must install Debian's %s", name, pkg)
-		}
-		t.Skipf("%s not found: install Debian's %s (apt-get install %s) to run this test", name, pkg, pkg)
-	}
-	return path
-}
+func requireTool(t *testing.T, name, pkg string) string { return fixture.RequireTool(t, name, pkg) }
 
 // Postfix's own client (SPEC 1.6): found = value printed, exit 0; NOTFOUND
 // = nothing printed, exit 1.

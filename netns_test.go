@@ -63,45 +63,6 @@ func serveFixture(dir string) int {
 	return 0
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("CI must run the tests as root (network namespaces)")
-		}
-		t.Skip("needs root for a network namespace; run as root (CI does)")
-	}
-}
-
-// newNetns creates a network namespace with loopback up and a resolv.conf
-// naming 127.0.0.1; it is deleted when the test ends.
-func newNetns(t *testing.T) string {
-	t.Helper()
-	ip := requireTool(t, "ip", "iproute2")
-	name := fmt.Sprintf("stsmap-test-%d", os.Getpid())
-	etc := filepath.Join("/etc/netns", name)
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(ip, args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("netns", "add", name)
-	t.Cleanup(func() {
-		exec.Command(ip, "netns", "del", name).Run()
-		os.RemoveAll(etc)
-	})
-	run("-n", name, "link", "set", "lo", "up")
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	// ip netns exec bind-mounts this file over /etc/resolv.conf.
-	if err := os.WriteFile(filepath.Join(etc, "resolv.conf"), []byte("nameserver 127.0.0.1\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return name
-}
-
 func buildBinary(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "stsmap")
@@ -144,9 +105,8 @@ func waitLine(t *testing.T, r io.Reader, want string, timeout time.Duration) {
 }
 
 func TestBinaryInNetns(t *testing.T) {
-	requireRoot(t)
 	postmap := requireTool(t, "postmap", "postfix")
-	ns := newNetns(t)
+	ns := fixture.NewNetns(t, "stsmap-test")
 	bin := buildBinary(t)
 	dir := t.TempDir()
 

@@ -23,7 +23,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -42,40 +41,11 @@ func TestPostfixE2E(t *testing.T) {
 		runScenarios(t)
 		return
 	}
-	requireRoot(t)
-	ip := requireTool(t, "ip", "iproute2")
+	fixture.RequireRoot(t, "a network namespace, ports 25, 53 and 443, a private Postfix")
 	for _, tool := range []string{"postfix", "sendmail", "postqueue"} {
-		requireTool(t, tool, "postfix")
+		fixture.RequireTool(t, tool, "postfix")
 	}
-	ns := fmt.Sprintf("stsmap-e2e-%d", os.Getpid())
-	etc := filepath.Join("/etc/netns", ns)
-	run := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command(ip, args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	run("netns", "add", ns)
-	t.Cleanup(func() {
-		// Whatever is left in the namespace (a Postfix master that
-		// outlived a crash) goes with it.
-		if out, err := exec.Command(ip, "netns", "pids", ns).Output(); err == nil {
-			for _, f := range strings.Fields(string(out)) {
-				if pid, err := strconv.Atoi(f); err == nil {
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
-			}
-		}
-		exec.Command(ip, "netns", "del", ns).Run()
-		os.RemoveAll(etc)
-	})
-	run("-n", ns, "link", "set", "lo", "up")
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(etc, "resolv.conf"), []byte("nameserver 127.0.0.1\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	ns := fixture.NewNetns(t, "stsmap-e2e")
 
 	bin := filepath.Join(t.TempDir(), "stsmap")
 	build := exec.Command("go", "build", "-o", bin, ".")
@@ -84,34 +54,12 @@ func TestPostfixE2E(t *testing.T) {
 		t.Fatalf("go build: %v: %s", err, out)
 	}
 
-	inner := exec.Command(ip, "netns", "exec", ns, os.Args[0], "-test.run=^TestPostfixE2E$", "-test.v", "-test.timeout=15m")
+	inner := exec.Command("ip", "netns", "exec", ns, os.Args[0], "-test.run=^TestPostfixE2E$", "-test.v", "-test.timeout=15m")
 	inner.Env = append(os.Environ(), insideEnv+"=1", "STSMAP_E2E_BIN="+bin)
 	inner.Stdout, inner.Stderr = os.Stdout, os.Stderr
 	if err := inner.Run(); err != nil {
 		t.Fatalf("the scenarios failed inside namespace %s: %v (their output is above)", ns, err)
 	}
-}
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("CI must run the end-to-end suite as root (network namespaces, Postfix)")
-		}
-		t.Skip("the Postfix end-to-end suite needs root (a network namespace, ports 25, 53 and 443, a private Postfix); run it as root: go test -count=1 -v ./e2e/")
-	}
-}
-
-func requireTool(t *testing.T, name, pkg string) string {
-	t.Helper()
-	path, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s not found in CI: .ci/run must install Debian's %s", name, pkg)
-		}
-		t.Skipf("%s not found: install Debian's %s (apt-get install %s) to run the end-to-end suite", name, pkg, pkg)
-	}
-	return path
 }
 
 const (

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"reflect"
 	"runtime"
 	"strconv"
@@ -34,13 +33,7 @@ type redisServer struct {
 // persistence, and returns once it answers PING. It stops with the test.
 func startRedis(t *testing.T) *redisServer {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("redis-server not found (%v); CI must install Debian's redis-server", err)
-		}
-		t.Skip("redis-server not found; install Debian's redis-server (apt-get install redis-server) to run the Redis store tests")
-	}
+	bin := fixture.RequireTool(t, "redis-server", "redis-server")
 	return &redisServer{Redis: fixture.StartRedis(t, bin, t.TempDir()), t: t}
 }
 
