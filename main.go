@@ -275,6 +275,10 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 			return exitNotFound
 		}
 		listeners = append(listeners, l)
+		if err := socketmap.Chown(addr, cfg.Socketmap.UnixSocketOwner, cfg.Socketmap.UnixSocketGroup); err != nil {
+			log.Error("cannot set the unix socket's owner; check socketmap.unix_socket_owner and unix_socket_group", "listen", addr, "err", err)
+			return exitNotFound
+		}
 	}
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
@@ -289,11 +293,15 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 	if e.ready != nil {
 		e.ready(addrs)
 	}
+	if err := notify("READY=1"); err != nil {
+		log.Warn("cannot notify systemd of readiness", "err", err)
+	}
 
 	status := exitOK
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")
+		notify("STOPPING=1")
 	case err := <-errc:
 		log.Error("listener failed", "err", err)
 		status = exitNotFound

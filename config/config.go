@@ -54,10 +54,14 @@ type Config struct {
 
 // SocketmapConfig holds the settings of the socketmap server (SPEC 1).
 type SocketmapConfig struct {
-	UnixSocketMode fs.FileMode   // permission bits of unix sockets, 0 to 0777
-	MaxConnections int           // concurrent client connections
-	IdleTimeout    time.Duration // a client connection idle this long is closed
-	MaxRequestSize int           // netstring payload limit in bytes (SPEC 1.1)
+	UnixSocketMode fs.FileMode // permission bits of unix sockets, 0 to 0777
+	// UnixSocketOwner and UnixSocketGroup, user and group names or
+	// numbers, own the unix sockets; "" leaves them to the process.
+	UnixSocketOwner string
+	UnixSocketGroup string
+	MaxConnections  int           // concurrent client connections
+	IdleTimeout     time.Duration // a client connection idle this long is closed
+	MaxRequestSize  int           // netstring payload limit in bytes (SPEC 1.1)
 }
 
 // DNSConfig holds the settings of the resolver used for TXT and A/AAAA
@@ -325,6 +329,11 @@ func (c *Config) validate() []*configError {
 	}
 
 	s := c.Socketmap
+	for _, kv := range [][2]string{{"socketmap.unix_socket_owner", s.UnixSocketOwner}, {"socketmap.unix_socket_group", s.UnixSocketGroup}} {
+		if strings.ContainsFunc(kv[1], func(r rune) bool { return r <= ' ' || r == ':' || r > '~' }) || len(kv[1]) > 64 {
+			add(kv[0], "must be a user or group name or number, not %q", kv[1])
+		}
+	}
 	if s.UnixSocketMode&^0o777 != 0 {
 		add("socketmap.unix_socket_mode", "must be between 0000 and 0777, not %#o", uint32(s.UnixSocketMode))
 	}

@@ -64,6 +64,9 @@ func TestOverrides(t *testing.T) {
 		{"listen block style", "listen:\n  - 127.0.0.1:1\n  - localhost:2\n", func(c *Config) {
 			c.Listen = []string{"127.0.0.1:1", "localhost:2"}
 		}},
+		{"unix_socket owner and group", `socketmap: {unix_socket_owner: stsmap, unix_socket_group: "105"}`, func(c *Config) {
+			c.Socketmap.UnixSocketOwner, c.Socketmap.UnixSocketGroup = "stsmap", "105"
+		}},
 		{"unix_socket_mode quoted", `socketmap: {unix_socket_mode: "0660"}`, func(c *Config) {
 			c.Socketmap.UnixSocketMode = 0o660
 		}},
@@ -294,6 +297,7 @@ var rejected = map[string]string{
 	"bare_int_duration.yaml":                `line 4: fetch.timeout: 30 has no unit; write a duration such as "30s"`,
 	"bool_yes.yaml":                         `line 4: maps.*.strict_testing: must be true or false, not "yes"`,
 	"tlsrpt_yes.yaml":                       `line 6: maps.postfix310.tlsrpt: must be true or false, not "yes"`,
+	"bad_socket_group.yaml":                 `line 3: socketmap.unix_socket_group: must be a user or group name or number, not "post fix"`,
 	"bad_dane.yaml":                         `line 2: dane: must be auto or off, not "maybe"`,
 	"cache_size_zero.yaml":                  `line 3: cache.size: must be at least 1`,
 	"dns_timeout_too_long.yaml":             `line 3: dns.timeout: must be at most 30s`,

@@ -37,10 +37,12 @@ type yamlConfig struct {
 }
 
 type yamlSocketmap struct {
-	UnixSocketMode yaml.Node `yaml:"unix_socket_mode"`
-	MaxConnections yaml.Node `yaml:"max_connections"`
-	IdleTimeout    yaml.Node `yaml:"idle_timeout"`
-	MaxRequestSize yaml.Node `yaml:"max_request_size"`
+	UnixSocketMode  yaml.Node `yaml:"unix_socket_mode"`
+	UnixSocketOwner yaml.Node `yaml:"unix_socket_owner"`
+	UnixSocketGroup yaml.Node `yaml:"unix_socket_group"`
+	MaxConnections  yaml.Node `yaml:"max_connections"`
+	IdleTimeout     yaml.Node `yaml:"idle_timeout"`
+	MaxRequestSize  yaml.Node `yaml:"max_request_size"`
 }
 
 type yamlDNS struct {
@@ -142,6 +144,8 @@ func (y *yamlConfig) apply(c *Config) []*configError {
 	var r reader
 	r.strings(&c.Listen, &y.Listen, "listen")
 	field(&r, &c.Socketmap.UnixSocketMode, &y.Socketmap.UnixSocketMode, "socketmap.unix_socket_mode", readFileMode)
+	field(&r, &c.Socketmap.UnixSocketOwner, &y.Socketmap.UnixSocketOwner, "socketmap.unix_socket_owner", readString)
+	field(&r, &c.Socketmap.UnixSocketGroup, &y.Socketmap.UnixSocketGroup, "socketmap.unix_socket_group", readString)
 	field(&r, &c.Socketmap.MaxConnections, &y.Socketmap.MaxConnections, "socketmap.max_connections", readInt)
 	field(&r, &c.Socketmap.IdleTimeout, &y.Socketmap.IdleTimeout, "socketmap.idle_timeout", readDuration)
 	field(&r, &c.Socketmap.MaxRequestSize, &y.Socketmap.MaxRequestSize, "socketmap.max_request_size", readInt)

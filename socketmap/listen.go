@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"os/user"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -57,4 +59,58 @@ func removeStaleSocket(path string) error {
 		return fmt.Errorf("socketmap: %s: %w", path, err)
 	}
 	return os.Remove(path) // nobody accepts on it: stale
+}
+
+// Chown gives the unix socket of addr (as passed to Listen) an owner and a
+// group, by name or number; "" leaves either unchanged. A TCP addr is left
+// alone. Postfix's smtp(8) runs as user postfix, so a socket of mode 0660
+// with group postfix is enough for it (SPEC 1.5).
+func Chown(addr, owner, group string) error {
+	path, ok := strings.CutPrefix(addr, "unix:")
+	if !ok || (owner == "" && group == "") {
+		return nil
+	}
+	uid, gid := -1, -1
+	if owner != "" {
+		u, err := lookupID(owner, func(s string) (string, error) {
+			u, err := user.Lookup(s)
+			if err != nil {
+				return "", err
+			}
+			return u.Uid, nil
+		})
+		if err != nil {
+			return fmt.Errorf("socketmap: unix socket owner %q: %w", owner, err)
+		}
+		uid = u
+	}
+	if group != "" {
+		g, err := lookupID(group, func(s string) (string, error) {
+			g, err := user.LookupGroup(s)
+			if err != nil {
+				return "", err
+			}
+			return g.Gid, nil
+		})
+		if err != nil {
+			return fmt.Errorf("socketmap: unix socket group %q: %w", group, err)
+		}
+		gid = g
+	}
+	if err := os.Chown(path, uid, gid); err != nil {
+		return fmt.Errorf("socketmap: %w", err)
+	}
+	return nil
+}
+
+// lookupID returns a numeric name as is, else looks it up.
+func lookupID(name string, lookup func(string) (string, error)) (int, error) {
+	if n, err := strconv.Atoi(name); err == nil {
+		return n, nil
+	}
+	s, err := lookup(name)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(s)
 }
