@@ -21,11 +21,13 @@ import (
 	"os/signal"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"stsmap/config"
 	"stsmap/dane"
+	"stsmap/metrics"
 	"stsmap/policycache"
 	"stsmap/policymap"
 	"stsmap/policystore"
@@ -154,7 +156,7 @@ func newResolver(cfg *config.Config, e *env) (*resolver.Resolver, error) {
 
 // newCache builds the policy cache; the daemon's also refreshes in the
 // background, stsmap query's only discovers.
-func newCache(cfg *config.Config, src policycache.Source, store policycache.Store, refresh bool, log *slog.Logger) *policycache.Cache {
+func newCache(cfg *config.Config, src policycache.Source, store policycache.Store, refresh bool, obs *metrics.Metrics, log *slog.Logger) *policycache.Cache {
 	c := policycache.Config{
 		Size:                cfg.Cache.Size,
 		NegativeTTL:         cfg.Cache.NegativeTTL,
@@ -162,6 +164,9 @@ func newCache(cfg *config.Config, src policycache.Source, store policycache.Stor
 		FetchTimeout:        cfg.Fetch.Timeout,
 		Store:               store,
 		Logger:              log,
+	}
+	if obs != nil { // a nil *Metrics in the interface would not be nil
+		c.Observer = obs
 	}
 	if refresh {
 		c.Refresh = policycache.RefreshConfig{
@@ -233,7 +238,12 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 	if store != nil {
 		defer store.Close()
 	}
-	cache := newCache(cfg, res, store, true, log)
+	var cache *policycache.Cache
+	var m *metrics.Metrics
+	if cfg.Metrics.Listen != "" {
+		m = metrics.New(func() policycache.Stats { return cache.Stats() }) // called at scrape time only
+	}
+	cache = newCache(cfg, res, store, true, m, log)
 	defer cache.Close() // before store.Close: refreshes write to the store
 	if store != nil {
 		start := time.Now()
@@ -281,8 +291,17 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 		}
 	}
 
+	if m != nil {
+		handler.Observe = m.ObserveLookup
+		srv.ConnState = m.ConnState
+	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	var ready atomic.Bool // for /healthz: listeners up, store loaded
+	metricsErr := make(chan error, 1)
+	if m != nil {
+		go func() { metricsErr <- metrics.Serve(ctx, cfg.Metrics.Listen, m.Handler(ready.Load), log) }()
+	}
 	errc := make(chan error, len(listeners))
 	addrs := make([]net.Addr, len(listeners))
 	for i, l := range listeners {
@@ -293,6 +312,7 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 	if e.ready != nil {
 		e.ready(addrs)
 	}
+	ready.Store(true)
 	if err := notify("READY=1"); err != nil {
 		log.Warn("cannot notify systemd of readiness", "err", err)
 	}
@@ -302,6 +322,11 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 	case <-ctx.Done():
 		log.Info("shutting down")
 		notify("STOPPING=1")
+	case err := <-metricsErr:
+		if err != nil {
+			log.Error("metrics listener failed; fix or empty metrics.listen", "listen", cfg.Metrics.Listen, "err", err)
+			status = exitNotFound
+		}
 	case err := <-errc:
 		log.Error("listener failed", "err", err)
 		status = exitNotFound

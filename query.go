@@ -39,7 +39,7 @@ func runQuery(ctx context.Context, args []string, e *env) int {
 		return exitUsage
 	}
 	cfg.Fetch.FirstContactTimeout = cfg.Fetch.Timeout
-	cache := newCache(cfg, res, nil, false, log) // live discovery only: the daemon may hold the store
+	cache := newCache(cfg, res, nil, false, nil, log) // live discovery only: the daemon may hold the store
 	defer cache.Close()
 
 	h := &policymap.Handler{Cache: cache, DANETimeout: cfg.Fetch.Timeout}

@@ -85,7 +85,7 @@ func startDaemon(t *testing.T, w *fixture.World, dir, extra string, env ...strin
 	t.Helper()
 	d := &daemon{sock: filepath.Join(dir, "stsmap.sock")}
 	cfgPath := filepath.Join(dir, "stsmap.yaml")
-	body := fmt.Sprintf("listen: [\"unix:%s\"]\ndns:\n  nameservers: [%q]\n  timeout: 1s\n%s", d.sock, w.DNS.Addr, extra)
+	body := fmt.Sprintf("listen: [\"unix:%s\"]\nmetrics:\n  listen: \"\"\ndns:\n  nameservers: [%q]\n  timeout: 1s\n%s", d.sock, w.DNS.Addr, extra)
 	if err := os.WriteFile(cfgPath, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -291,6 +291,7 @@ func BenchmarkStartup100k(b *testing.B) {
 	}
 	cfg := config.Default()
 	cfg.Cache.Path = path
+	cfg.Metrics.Listen = ""
 	cfg.DNS.Nameservers = []string{"127.0.0.1:9"} // never asked: every answer is cached
 	sock := filepath.Join(dir, "s.sock")
 	cfg.Listen = []string{"unix:" + sock}

@@ -48,8 +48,15 @@ type Config struct {
 	Maps map[string]MapConfig
 	// DANE is "auto" (a DANE level instead of secure for domains whose MX
 	// hosts have DNSSEC-authenticated TLSA records, SPEC 7.5) or "off".
-	DANE string
-	Log  LogConfig
+	DANE    string
+	Metrics MetricsConfig
+	Log     LogConfig
+}
+
+// MetricsConfig holds the Prometheus listener's settings.
+type MetricsConfig struct {
+	// Listen is the host:port of /metrics and /healthz; "" turns them off.
+	Listen string
 }
 
 // SocketmapConfig holds the settings of the socketmap server (SPEC 1).
@@ -186,7 +193,8 @@ func Default() *Config {
 				TLSRPT:        new(builtinMapSettings.TLSRPT),
 			},
 		},
-		DANE: "auto",
+		DANE:    "auto",
+		Metrics: MetricsConfig{Listen: "127.0.0.1:8462"},
 		Log: LogConfig{
 			Level:  slog.LevelInfo,
 			Format: "text",
@@ -444,6 +452,11 @@ func (c *Config) validate() []*configError {
 	case slog.LevelDebug, slog.LevelInfo, slog.LevelWarn, slog.LevelError:
 	default:
 		add("log.level", "must be debug, info, warn or error, not %v", c.Log.Level)
+	}
+	if c.Metrics.Listen != "" {
+		if _, port, err := net.SplitHostPort(c.Metrics.Listen); err != nil || port == "" {
+			add("metrics.listen", "must be host:port or empty, not %q", c.Metrics.Listen)
+		}
 	}
 	if c.DANE != "auto" && c.DANE != "off" {
 		add("dane", "must be auto or off, not %q", c.DANE)

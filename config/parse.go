@@ -33,7 +33,12 @@ type yamlConfig struct {
 	Refresh   yamlRefresh        `yaml:"refresh"`
 	Maps      map[string]yamlMap `yaml:"maps"`
 	DANE      yaml.Node          `yaml:"dane"`
+	Metrics   yamlMetrics        `yaml:"metrics"`
 	Log       yamlLog            `yaml:"log"`
+}
+
+type yamlMetrics struct {
+	Listen yaml.Node `yaml:"listen"`
 }
 
 type yamlSocketmap struct {
@@ -183,6 +188,7 @@ func (y *yamlConfig) apply(c *Config) []*configError {
 		c.Maps[name] = m
 	}
 	field(&r, &c.DANE, &y.DANE, "dane", readString)
+	field(&r, &c.Metrics.Listen, &y.Metrics.Listen, "metrics.listen", readString)
 	field(&r, &c.Log.Level, &y.Log.Level, "log.level", readLevel)
 	field(&r, &c.Log.Format, &y.Log.Format, "log.format", readString)
 	return r.errs

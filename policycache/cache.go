@@ -86,6 +86,10 @@ type Entry struct {
 	// failed), and when (SPEC 4.7: not retried for FailureBackoff).
 	FailedID string
 	FailedAt time.Time
+	// FailingSince is when the refreshes that are failing now started to
+	// fail; zero once a refresh succeeds. A policy whose refresh has
+	// failed for long may be blocked by an attacker (RFC 8461 §10.2).
+	FailingSince time.Time
 	// LastUsed is when Postfix last asked for the domain, in Unix seconds
 	// (refresh.idle_after); updated in place, hence atomic.
 	LastUsed atomic.Int64
@@ -95,7 +99,8 @@ type Entry struct {
 // stored, except LastUsed.
 func (e *Entry) clone() *Entry {
 	c := &Entry{Domain: e.Domain, ID: e.ID, Policy: e.Policy, Reason: e.Reason, Err: e.Err,
-		Fetched: e.Fetched, Expires: e.Expires, Checked: e.Checked, FailedID: e.FailedID, FailedAt: e.FailedAt}
+		Fetched: e.Fetched, Expires: e.Expires, Checked: e.Checked, FailedID: e.FailedID, FailedAt: e.FailedAt,
+		FailingSince: e.FailingSince}
 	c.LastUsed.Store(e.LastUsed.Load())
 	return c
 }
@@ -110,8 +115,11 @@ type Config struct {
 	// and is asked before a discovery.
 	Store   Store
 	Refresh RefreshConfig
-	Now     func() time.Time
-	Logger  *slog.Logger
+	// Observer, when set, is told of every lookup, discovery, refresh and
+	// store error, for metrics.
+	Observer Observer
+	Now      func() time.Time
+	Logger   *slog.Logger
 }
 
 // RefreshConfig tunes the background refresher (SPEC 6.4, 6.5).
@@ -164,6 +172,9 @@ func New(src Source, cfg Config) *Cache {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.Observer == nil {
+		cfg.Observer = nopObserver{} // no nil check on the hot path
+	}
 	if cfg.Refresh.Concurrency <= 0 {
 		cfg.Refresh.Concurrency = 8
 	}
@@ -205,6 +216,9 @@ func (c *Cache) LoadStore(ctx context.Context) (int, error) {
 		c.scheduleAt(e, now.Add(randDuration(c.cfg.Refresh.Interval)))
 		n++
 	})
+	if err != nil {
+		c.cfg.Observer.StoreError(StoreOpLoad)
+	}
 	return n, err
 }
 
@@ -219,9 +233,11 @@ func (c *Cache) Lookup(ctx context.Context, domain string) *Entry {
 		now := c.cfg.Now()
 		if now.Before(e.Expires) {
 			e.touch(now)
+			c.cfg.Observer.CacheHit()
 			return e
 		}
 	}
+	c.cfg.Observer.CacheMiss()
 	ch := c.discoverAsync(domain)
 	timer := time.NewTimer(c.cfg.FirstContactTimeout)
 	defer timer.Stop()
@@ -301,6 +317,7 @@ func (c *Cache) discover(ctx context.Context, domain string) *Entry {
 			e.Reason, e.Expires = ReasonDNSFailure, now.Add(min(c.cfg.NegativeTTL, DNSFailureTTL))
 			c.log.Info("MTA-STS record lookup failed", "domain", domain, "err", e.Err)
 		}
+		c.cfg.Observer.Discovery(string(e.Reason))
 		return e
 	}
 	p, err := c.src.FetchPolicy(ctx, domain)
@@ -309,9 +326,11 @@ func (c *Cache) discover(ctx context.Context, domain string) *Entry {
 		// SPEC 6.3: meanwhile the domain is treated as without MTA-STS.
 		e := &Entry{Domain: domain, ID: rec.ID, Reason: ReasonFetchFailed, Err: bounded(err),
 			Fetched: now, Expires: now.Add(FailureBackoff)}
+		outcome := DiscoveryFetchErrorPrefix + resolver.FetchErrorClass(err)
 		if errors.Is(err, resolver.ErrInvalidPolicy) {
-			e.Reason = ReasonInvalidPolicy
+			e.Reason, outcome = ReasonInvalidPolicy, string(ReasonInvalidPolicy)
 		}
+		c.cfg.Observer.Discovery(outcome)
 		c.log.Warn("MTA-STS policy fetch failed", "domain", domain, "policy_id", rec.ID, "err", e.Err)
 		return e
 	}
@@ -322,6 +341,7 @@ func (c *Cache) discover(ctx context.Context, domain string) *Entry {
 	for _, w := range p.Warnings {
 		c.log.Info("MTA-STS policy warning", "domain", domain, "policy_id", rec.ID, "warning", w)
 	}
+	c.cfg.Observer.Discovery(string(ReasonPolicy))
 	return e
 }
 
@@ -335,6 +355,7 @@ func (c *Cache) fromStore(ctx context.Context, domain string) *Entry {
 	defer cancel()
 	e, err := c.cfg.Store.Get(ctx, domain)
 	if err != nil {
+		c.cfg.Observer.StoreError(StoreOpGet)
 		if !errors.Is(err, ErrStoreUnavailable) { // the store logs its own outages
 			c.log.Warn("policy store read failed", "domain", domain, "err", bounded(err))
 		}
@@ -368,8 +389,11 @@ func (c *Cache) commit(ctx context.Context, e *Entry) {
 	if c.cfg.Store != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
 		defer cancel()
-		if err := c.cfg.Store.Put(ctx, e); err != nil && !errors.Is(err, ErrStoreUnavailable) {
-			c.log.Error("policy store write failed; the policy is cached in memory only", "domain", e.Domain, "err", bounded(err))
+		if err := c.cfg.Store.Put(ctx, e); err != nil {
+			c.cfg.Observer.StoreError(StoreOpPut)
+			if !errors.Is(err, ErrStoreUnavailable) { // the store logs its own outages
+				c.log.Error("policy store write failed; the policy is cached in memory only", "domain", e.Domain, "err", bounded(err))
+			}
 		}
 	}
 }

@@ -73,10 +73,12 @@ func (c *Cache) refreshDomain(domain string) {
 	now := c.cfg.Now()
 	if now.Unix()-e.LastUsed.Load() > int64(c.cfg.Refresh.IdleAfter/time.Second) {
 		c.drop(e, "idle")
+		c.cfg.Observer.Refresh(RefreshDroppedIdle)
 		return
 	}
 	if !now.Before(e.Expires) {
 		c.drop(e, "expired")
+		c.cfg.Observer.Refresh(RefreshDroppedExpired)
 		return
 	}
 	ctx, cancel := context.WithTimeout(c.base, c.cfg.FetchTimeout)
@@ -85,6 +87,9 @@ func (c *Cache) refreshDomain(domain string) {
 		// A fleet refreshes each domain once per interval: the MTA that
 		// claims it does the work, the others take its result.
 		claimed, err := c.cfg.Store.Claim(ctx, domain, c.cfg.Refresh.Interval)
+		if err != nil {
+			c.cfg.Observer.StoreError(StoreOpClaim)
+		}
 		if err == nil && !claimed {
 			c.adoptFromStore(ctx, e, now)
 			return
@@ -101,15 +106,20 @@ func (c *Cache) refreshDomain(domain string) {
 // adoptFromStore takes the entry another MTA refreshed, when it is newer.
 func (c *Cache) adoptFromStore(ctx context.Context, old *Entry, now time.Time) {
 	s, err := c.cfg.Store.Get(ctx, old.Domain)
+	if err != nil {
+		c.cfg.Observer.StoreError(StoreOpGet)
+	}
 	if err == nil && s != nil && s.Policy != nil && now.Before(s.Expires) && s.learned().After(old.learned()) {
 		s.LastUsed.Store(max(s.LastUsed.Load(), old.LastUsed.Load()))
 		if cur, ok := c.entries.Peek(old.Domain); ok && cur == old {
 			c.entries.Add(old.Domain, s)
 		}
 		c.scheduleAt(s, c.nextCheck(s, now))
+		c.cfg.Observer.Refresh(RefreshAdopted)
 		return
 	}
 	c.scheduleAt(old, c.nextCheck(old, now))
+	c.cfg.Observer.Refresh(RefreshNotClaimed)
 }
 
 // refresh re-checks the TXT id of a cached policy (SPEC 6.4) and returns the
@@ -122,8 +132,9 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 		// Unchanged id: renew without a fetch.
 		n := old.clone()
 		n.Checked, n.Expires = now, now.Add(old.Policy.MaxAge)
-		n.FailedID, n.FailedAt = "", time.Time{}
+		n.FailedID, n.FailedAt, n.FailingSince = "", time.Time{}, time.Time{}
 		c.commit(ctx, n)
+		c.cfg.Observer.Refresh(RefreshRenewed)
 		return n
 
 	case err == nil:
@@ -131,6 +142,7 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 		// within the back-off (SPEC 4.7).
 		if old.FailedID == rec.ID && now.Sub(old.FailedAt) < FailureBackoff {
 			c.scheduleAt(old, old.FailedAt.Add(FailureBackoff))
+			c.cfg.Observer.Refresh(RefreshBackoff)
 			return old
 		}
 		p, ferr := c.src.FetchPolicy(ctx, domain)
@@ -143,6 +155,7 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 		c.log.Info("MTA-STS policy changed", "domain", domain, "old_policy_id", old.ID, "policy_id", rec.ID,
 			"mode", string(p.Mode), "max_age", p.MaxAge.Seconds(), "mx", mxSummary(p.MX))
 		c.commit(ctx, n)
+		c.cfg.Observer.Refresh(RefreshIDChanged)
 		return n
 	}
 
@@ -156,10 +169,12 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 		c.log.Info("MTA-STS record gone or invalid; keeping the cached policy until it nears expiry",
 			"domain", domain, "policy_id", old.ID, "err", bounded(err))
 		c.scheduleAt(old, c.nextCheck(old, now))
+		c.cfg.Observer.Refresh(RefreshKept)
 		return old
 	}
 	if old.FailedID == "" && !old.FailedAt.IsZero() && now.Sub(old.FailedAt) < FailureBackoff {
 		c.scheduleAt(old, old.FailedAt.Add(FailureBackoff))
+		c.cfg.Observer.Refresh(RefreshBackoff)
 		return old
 	}
 	p, ferr := c.src.FetchPolicy(ctx, domain)
@@ -172,6 +187,7 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 	c.log.Info("MTA-STS policy renewed over HTTPS without its TXT record", "domain", domain, "policy_id", old.ID,
 		"mode", string(p.Mode), "txt_err", bounded(err))
 	c.commit(ctx, n)
+	c.cfg.Observer.Refresh(RefreshRenewedHTTPS)
 	return n
 }
 
@@ -180,6 +196,14 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 func (c *Cache) refreshFailed(ctx context.Context, old *Entry, failedID string, now time.Time, msg string, err error) *Entry {
 	n := old.clone()
 	n.FailedID, n.FailedAt = failedID, now
+	if n.FailingSince.IsZero() {
+		// The first failure since the last success; a record stored
+		// before FailingSince existed knows only its last failure.
+		n.FailingSince = now
+		if !old.FailedAt.IsZero() {
+			n.FailingSince = old.FailedAt
+		}
+	}
 	if old.Policy.Mode != resolver.ModeNone {
 		c.log.Warn(msg, "domain", old.Domain, "policy_id", old.ID, "new_policy_id", failedID,
 			"mode", string(old.Policy.Mode), "expires", old.Expires.UTC().Format(time.RFC3339), "err", bounded(err))
@@ -187,10 +211,13 @@ func (c *Cache) refreshFailed(ctx context.Context, old *Entry, failedID string, 
 	c.entries.Add(n.Domain, n)
 	if c.cfg.Store != nil {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
-		c.cfg.Store.Put(sctx, n) // failure state is advisory; the store logs outages
+		if err := c.cfg.Store.Put(sctx, n); err != nil { // failure state is advisory; the store logs outages
+			c.cfg.Observer.StoreError(StoreOpPut)
+		}
 		cancel()
 	}
 	c.scheduleAt(n, now.Add(FailureBackoff+randDuration(FailureBackoff/10)))
+	c.cfg.Observer.Refresh(RefreshFailed)
 	return n
 }
 
@@ -202,8 +229,11 @@ func (c *Cache) drop(e *Entry, why string) {
 	if c.cfg.Store != nil {
 		ctx, cancel := context.WithTimeout(c.base, storeTimeout)
 		defer cancel()
-		if err := c.cfg.Store.Delete(ctx, e.Domain); err != nil && !errors.Is(err, ErrStoreUnavailable) {
-			c.log.Warn("policy store delete failed", "domain", e.Domain, "err", bounded(err))
+		if err := c.cfg.Store.Delete(ctx, e.Domain); err != nil {
+			c.cfg.Observer.StoreError(StoreOpDelete)
+			if !errors.Is(err, ErrStoreUnavailable) {
+				c.log.Warn("policy store delete failed", "domain", e.Domain, "err", bounded(err))
+			}
 		}
 	}
 }

@@ -40,7 +40,22 @@ type Handler struct {
 	DANE        DANEChecker
 	DANETimeout time.Duration
 	Logger      *slog.Logger
+	// Observe, when set, is called once per lookup with what Postfix was
+	// answered (one of the Answer* constants) and how long it took, for
+	// metrics. It must not block.
+	Observe func(answer string, elapsed time.Duration)
 }
+
+// What a lookup was answered, for Handler.Observe.
+const (
+	AnswerEnforce  = "enforce"   // secure, from a policy in mode enforce
+	AnswerTesting  = "testing"   // secure, from a policy in mode testing (strict testing)
+	AnswerNone     = "none"      // NOTFOUND, from a policy in mode none
+	AnswerNoPolicy = "no_policy" // NOTFOUND for any other reason: no policy, testing, a skipped key
+	AnswerDane     = "dane"      // the DANE level dane (SPEC 7.5)
+	AnswerDaneOnly = "dane-only" // the DANE level dane-only
+	AnswerTemp     = "temp"      // TEMP: the DANE TLSA lookup failed
+)
 
 var _ socketmap.Handler = (*Handler)(nil)
 
@@ -48,26 +63,44 @@ var _ socketmap.Handler = (*Handler)(nil)
 // remote domain's fault (SPEC 1.3): whatever discovery finds, the answer is
 // a policy or NOTFOUND.
 func (h *Handler) ServeSocketmap(ctx context.Context, name, key string) socketmap.Reply {
+	if h.Observe == nil {
+		r, _ := h.serve(ctx, name, key)
+		return r
+	}
+	start := time.Now()
+	r, answer := h.serve(ctx, name, key)
+	h.Observe(answer, time.Since(start))
+	return r
+}
+
+// serve answers a lookup and says which of the Answer* kinds the reply is.
+func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply, string) {
 	domain, err := NormalizeKey(key)
 	if err != nil {
-		return socketmap.NotFound() // SPEC 2.4
+		return socketmap.NotFound(), AnswerNoPolicy // SPEC 2.4
 	}
 	switch h.daneLevel(ctx, key, domain) {
 	case dane.DaneOnly:
-		return socketmap.OK("dane-only")
+		return socketmap.OK("dane-only"), AnswerDaneOnly
 	case dane.Dane:
-		return socketmap.OK("dane")
+		return socketmap.OK("dane"), AnswerDane
 	case dane.Temp:
 		// The MX hosts are DNSSEC-authenticated but their TLSA lookup
 		// failed: Postfix itself defers in that case (RFC 7672 §2.2).
-		return socketmap.Temp("DANE TLSA lookup failed")
+		return socketmap.Temp("DANE TLSA lookup failed"), AnswerTemp
 	}
 	e := h.Cache.Lookup(ctx, domain)
 	text, ok := Answer(domain, e.Policy, h.Settings(name))
-	if !ok {
-		return socketmap.NotFound() // SPEC 7.2
+	switch {
+	case ok && e.Policy.Mode == resolver.ModeTesting:
+		return socketmap.OK(text), AnswerTesting
+	case ok:
+		return socketmap.OK(text), AnswerEnforce
+	case e.Policy != nil && e.Policy.Mode == resolver.ModeNone:
+		return socketmap.NotFound(), AnswerNone // SPEC 6.7
+	default:
+		return socketmap.NotFound(), AnswerNoPolicy // SPEC 7.2
 	}
-	return socketmap.OK(text)
 }
 
 // daneLevel returns the DANE level of the next hop, or dane.None when DANE

@@ -88,3 +88,53 @@ func TestNexthopShape(t *testing.T) {
 		}
 	}
 }
+
+// Observe is told once per lookup what the answer was.
+func TestHandlerObserve(t *testing.T) {
+	policy := func(mode resolver.Mode) *policycache.Entry {
+		return &policycache.Entry{Reason: policycache.ReasonPolicy,
+			Policy: &resolver.Policy{Mode: mode, MaxAge: time.Hour, MX: []string{"mx.example.net"}}}
+	}
+	cache := fakeCache{
+		"enforce.example": policy(resolver.ModeEnforce),
+		"testing.example": policy(resolver.ModeTesting),
+		"none.example":    policy(resolver.ModeNone),
+		"nomx.example":    {Reason: policycache.ReasonPolicy, Policy: &resolver.Policy{Mode: resolver.ModeEnforce, MX: []string{"*"}}},
+	}
+	d := &fakeDANE{
+		levels: map[string]dane.Level{"dane.example": dane.Dane, "daneonly.example": dane.DaneOnly, "temp.example": dane.Temp},
+		errs:   map[string]error{"temp.example": dane.ErrTLSALookup},
+	}
+	tests := []struct {
+		key    string
+		strict bool
+		want   string
+	}{
+		{"enforce.example", false, AnswerEnforce},
+		{"testing.example", false, AnswerNoPolicy},
+		{"testing.example", true, AnswerTesting},
+		{"none.example", false, AnswerNone},
+		{"nomx.example", false, AnswerNoPolicy},
+		{"norecord.example", false, AnswerNoPolicy},
+		{".example.com", false, AnswerNoPolicy},
+		{"[192.0.2.1]", false, AnswerNoPolicy},
+		{"dane.example", false, AnswerDane},
+		{"daneonly.example", false, AnswerDaneOnly},
+		{"temp.example", false, AnswerTemp},
+	}
+	for _, tt := range tests {
+		var got []string
+		h := &Handler{Cache: cache, DANE: d,
+			Settings: func(string) Settings { return Settings{StrictTesting: tt.strict} },
+			Observe: func(answer string, elapsed time.Duration) {
+				if elapsed < 0 {
+					t.Errorf("%s: negative elapsed %v", tt.key, elapsed)
+				}
+				got = append(got, answer)
+			}}
+		h.ServeSocketmap(t.Context(), "postfix", tt.key)
+		if len(got) != 1 || got[0] != tt.want {
+			t.Errorf("%s (strict testing %v): observed %q, want [%q]", tt.key, tt.strict, got, tt.want)
+		}
+	}
+}

@@ -44,6 +44,8 @@ type record struct {
 	LastUsed int64     `json:"last_used,omitempty"` // Unix seconds
 	FailedID string    `json:"failed_id,omitempty"`
 	FailedAt time.Time `json:"failed_at,omitzero"`
+	// FailingSince is absent from records written before it existed.
+	FailingSince time.Time `json:"failing_since,omitzero"`
 }
 
 // Encode renders an entry with a policy for storage.
@@ -57,6 +59,7 @@ func Encode(e *policycache.Entry) ([]byte, error) {
 		MX: e.Policy.MX, Lines: e.Policy.Lines,
 		Fetched: e.Fetched, Expires: e.Expires, Checked: e.Checked,
 		LastUsed: e.LastUsed.Load(), FailedID: e.FailedID, FailedAt: e.FailedAt,
+		FailingSince: e.FailingSince,
 	})
 	if err == nil && len(b) > maxRecordSize {
 		err = fmt.Errorf("policystore: %s: record of %d bytes is larger than %d", clip(e.Domain), len(b), maxRecordSize)
@@ -87,7 +90,7 @@ func Decode(b []byte) (*policycache.Entry, error) {
 			MX: r.MX, Lines: r.Lines,
 		},
 		Fetched: r.Fetched, Expires: r.Expires, Checked: r.Checked,
-		FailedID: r.FailedID, FailedAt: r.FailedAt,
+		FailedID: r.FailedID, FailedAt: r.FailedAt, FailingSince: r.FailingSince,
 	}
 	e.LastUsed.Store(r.LastUsed)
 	return e, nil

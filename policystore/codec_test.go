@@ -24,11 +24,12 @@ func codecSample(domain string, fetched time.Time) *policycache.Entry {
 			Lines: []string{"version: STSv1", "mode: enforce", "mx: mx1." + domain,
 				"mx: *.mx." + domain, "max_age: 86400", "x-note: <a&b> \"q\"\t\u2028"},
 		},
-		Fetched:  fetched,
-		Expires:  fetched.Add(86400 * time.Second),
-		Checked:  fetched.Add(time.Hour),
-		FailedID: "20240701T000000",
-		FailedAt: fetched.Add(2 * time.Hour),
+		Fetched:      fetched,
+		Expires:      fetched.Add(86400 * time.Second),
+		Checked:      fetched.Add(time.Hour),
+		FailedID:     "20240701T000000",
+		FailedAt:     fetched.Add(2 * time.Hour),
+		FailingSince: fetched.Add(90 * time.Minute),
 	}
 	e.LastUsed.Store(fetched.Add(3 * time.Hour).Unix())
 	return e
@@ -59,6 +60,7 @@ func codecDiff(got, want *policycache.Entry) string {
 	check("Checked", got.Checked.Equal(want.Checked), got.Checked, want.Checked)
 	check("FailedID", got.FailedID == want.FailedID, got.FailedID, want.FailedID)
 	check("FailedAt", got.FailedAt.Equal(want.FailedAt), got.FailedAt, want.FailedAt)
+	check("FailingSince", got.FailingSince.Equal(want.FailingSince), got.FailingSince, want.FailingSince)
 	check("LastUsed", got.LastUsed.Load() == want.LastUsed.Load(), got.LastUsed.Load(), want.LastUsed.Load())
 	gp, wp := got.Policy, want.Policy
 	switch {

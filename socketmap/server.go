@@ -38,6 +38,10 @@ type Server struct {
 	IdleTimeout    time.Duration // wait for the next request on a connection
 	WriteTimeout   time.Duration // bound on writing replies
 	MaxConns       int           // open connections at most, over all listeners
+	// ConnState, when set, is called with +1 when a connection starts
+	// being served and with -1 when it ends, for metrics. It must not
+	// block.
+	ConnState func(delta int)
 
 	initOnce sync.Once
 	ctx      context.Context // handlers' context, cancelled by Close
@@ -120,6 +124,7 @@ func (s *Server) Serve(l net.Listener) error {
 			<-s.slots
 			return ErrServerClosed
 		}
+		s.connState(+1)
 		go c.serve()
 	}
 }
@@ -236,7 +241,14 @@ func (s *Server) finishConn(c *conn) {
 	delete(s.conns, c)
 	s.mu.Unlock()
 	<-s.slots
+	s.connState(-1)
 	s.wg.Done()
+}
+
+func (s *Server) connState(delta int) {
+	if s.ConnState != nil {
+		s.ConnState(delta)
+	}
 }
 
 // Connection states. Only the connection's goroutine moves between active

@@ -395,6 +395,55 @@ func TestServeMaxConns(t *testing.T) {
 	expect(t, third, notFound)
 }
 
+// ConnState sees each served connection start and end, and nothing is left
+// open after Shutdown.
+func TestServeConnState(t *testing.T) {
+	var mu sync.Mutex
+	open, started := 0, 0
+	ended := make(chan struct{}, 2)
+	ts := startServer(t, &Server{ConnState: func(delta int) {
+		mu.Lock()
+		defer mu.Unlock()
+		open += delta
+		if delta > 0 {
+			started += delta
+		} else {
+			ended <- struct{}{}
+		}
+	}})
+	counts := func() (int, int) {
+		mu.Lock()
+		defer mu.Unlock()
+		return open, started
+	}
+	first, second := dial(t, ts.addrs[0]), dial(t, ts.addrs[1])
+	for _, c := range []net.Conn{first, second} {
+		send(t, c, ns("policy x"))
+		expect(t, c, notFound)
+	}
+	if o, s := counts(); o != 2 || s != 2 {
+		t.Errorf("two clients served: got %d open, %d started; want 2, 2", o, s)
+	}
+	first.Close()
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no ConnState(-1) within 5s of a client hanging up")
+	}
+	if o, _ := counts(); o != 1 {
+		t.Errorf("after one client hung up: got %d open, want 1", o)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := ts.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	ts.wait(t)
+	if o, s := counts(); o != 0 || s != 2 {
+		t.Errorf("after Shutdown: got %d open, %d started; want 0, 2", o, s)
+	}
+}
+
 func TestShutdownWaitsForInFlight(t *testing.T) {
 	entered, release := make(chan struct{}), make(chan struct{})
 	h := HandlerFunc(func(ctx context.Context, name, key string) Reply {
