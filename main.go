@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -126,8 +127,14 @@ func runCheckConfig(args []string, e *env) int {
 	return exitOK
 }
 
-func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+// newLogger builds the logger; level, when given, holds its level so that a
+// reload can change it.
+func newLogger(cfg *config.Config, w io.Writer, level ...*slog.LevelVar) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: cfg.Log.Level}
+	if len(level) > 0 {
+		level[0].Set(cfg.Log.Level)
+		opts.Level = level[0]
+	}
 	if cfg.Log.Format == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}
@@ -219,12 +226,17 @@ func runServe(ctx context.Context, args []string, e *env) int {
 		fmt.Fprintf(e.stderr, "stsmap: %v\n", err)
 		return exitUsage
 	}
-	return serve(ctx, cfg, configName(*path), e)
+	return serve(ctx, cfg, *path, e)
 }
 
-// serve runs the daemon until ctx ends or a signal arrives.
-func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int {
-	log := newLogger(cfg, e.stderr)
+// serve runs the daemon until ctx ends or a signal arrives. path is the
+// config file cfg came from ("" for the embedded defaults), re-read on
+// SIGHUP.
+func serve(ctx context.Context, cfg *config.Config, path string, e *env) int {
+	var level slog.LevelVar
+	log := newLogger(cfg, e.stderr, &level)
+	var current atomic.Pointer[config.Config] // replaced by a reload
+	current.Store(cfg)
 	res, err := newResolver(cfg, e)
 	if err != nil {
 		log.Error("cannot start", "err", err)
@@ -256,7 +268,7 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 
 	handler := &policymap.Handler{
 		Cache:       cache,
-		Settings:    func(name string) policymap.Settings { return policymap.Settings(cfg.MapSettings(name)) },
+		Settings:    func(name string) policymap.Settings { return policymap.Settings(current.Load().MapSettings(name)) },
 		DANETimeout: cfg.Fetch.FirstContactTimeout,
 		Logger:      log,
 	}
@@ -308,7 +320,7 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 		addrs[i] = l.Addr()
 		go func() { errc <- srv.Serve(l) }()
 	}
-	log.Info("stsmap serving", "version", version, "listen", cfg.Listen, "config", cfgName)
+	log.Info("stsmap serving", "version", version, "listen", cfg.Listen, "config", configName(path))
 	if e.ready != nil {
 		e.ready(addrs)
 	}
@@ -317,19 +329,30 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 		log.Warn("cannot notify systemd of readiness", "err", err)
 	}
 
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
 	status := exitOK
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down")
-		notify("STOPPING=1")
-	case err := <-metricsErr:
-		if err != nil {
-			log.Error("metrics listener failed; fix or empty metrics.listen", "listen", cfg.Metrics.Listen, "err", err)
+	for running := true; running; {
+		select {
+		case <-hup:
+			reload(path, &current, &level, cache, log)
+		case <-ctx.Done():
+			log.Info("shutting down")
+			notify("STOPPING=1")
+			running = false
+		case err := <-metricsErr:
+			if err != nil {
+				log.Error("metrics listener failed; fix or empty metrics.listen", "listen", cfg.Metrics.Listen, "err", err)
+				status = exitNotFound
+			}
+			running = false
+		case err := <-errc:
+			log.Error("listener failed", "err", err)
 			status = exitNotFound
+			running = false
 		}
-	case err := <-errc:
-		log.Error("listener failed", "err", err)
-		status = exitNotFound
 	}
 	// SPEC 8.1: stop accepting, finish in-flight replies. A lookup waits at
 	// most the first-contact timeout, so that bounds the wait.
@@ -339,6 +362,53 @@ func serve(ctx context.Context, cfg *config.Config, cfgName string, e *env) int 
 		log.Warn("shutdown did not finish in time; connections were closed", "err", err)
 	}
 	return status
+}
+
+// reload re-reads the config file on SIGHUP and puts what can change in
+// force: map settings, log level, timeouts, negative TTL and refresh
+// settings. Connections and the cache are kept. A config that does not load
+// is refused and the running one stays; settings that need a restart are
+// named in a warning.
+func reload(path string, current *atomic.Pointer[config.Config], level *slog.LevelVar, cache *policycache.Cache, log *slog.Logger) {
+	if path == "" {
+		log.Warn("SIGHUP: running on the embedded defaults; there is no config file to reload")
+		return
+	}
+	next, err := config.Load(path)
+	if err != nil {
+		log.Error("config reload refused; the running config stays in force", "config", path, "err", err)
+		return
+	}
+	old := current.Load()
+	var restart []string
+	for key, same := range map[string]bool{
+		"listen":    slices.Equal(old.Listen, next.Listen),
+		"socketmap": old.Socketmap == next.Socketmap,
+		"dns":       slices.Equal(old.DNS.Nameservers, next.DNS.Nameservers) && old.DNS.Timeout == next.DNS.Timeout,
+		"cache.store, path, redis_url, redis_prefix, size": old.Cache.Store == next.Cache.Store && old.Cache.Path == next.Cache.Path &&
+			old.Cache.RedisURL == next.Cache.RedisURL && old.Cache.RedisPrefix == next.Cache.RedisPrefix && old.Cache.Size == next.Cache.Size,
+		"metrics":    old.Metrics == next.Metrics,
+		"dane":       old.DANE == next.DANE,
+		"log.format": old.Log.Format == next.Log.Format,
+	} {
+		if !same {
+			restart = append(restart, key)
+		}
+	}
+	cache.Retune(policycache.Tunables{
+		NegativeTTL:         next.Cache.NegativeTTL,
+		FirstContactTimeout: next.Fetch.FirstContactTimeout,
+		FetchTimeout:        next.Fetch.Timeout,
+		Refresh: policycache.RefreshConfig{Interval: next.Refresh.Interval, RenewBefore: next.Refresh.RenewBefore,
+			Concurrency: next.Refresh.Concurrency, IdleAfter: next.Refresh.IdleAfter},
+	})
+	level.Set(next.Log.Level)
+	current.Store(next)
+	log.Info("config reloaded", "config", path)
+	if len(restart) > 0 {
+		slices.Sort(restart)
+		log.Warn("config reloaded, but these settings change only with a restart", "settings", strings.Join(restart, "; "))
+	}
 }
 
 func configName(path string) string {

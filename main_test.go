@@ -62,7 +62,7 @@ func startServe(t *testing.T, cfg *config.Config, e *env) []net.Addr {
 	ready := make(chan []net.Addr, 1)
 	e.ready = func(a []net.Addr) { ready <- a }
 	done := make(chan int, 1)
-	go func() { done <- serve(ctx, cfg, "test", e) }()
+	go func() { done <- serve(ctx, cfg, "", e) }()
 	t.Cleanup(func() {
 		cancel()
 		if status := <-done; status != exitOK {

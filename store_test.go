@@ -300,7 +300,7 @@ func BenchmarkStartup100k(b *testing.B) {
 		ready := make(chan []net.Addr, 1)
 		done := make(chan int, 1)
 		e := &env{stdout: io.Discard, stderr: io.Discard, ready: func(a []net.Addr) { ready <- a }}
-		go func() { done <- serve(ctx, cfg, "bench", e) }()
+		go func() { done <- serve(ctx, cfg, "", e) }()
 		<-ready
 		c, err := net.Dial("unix", sock)
 		if err != nil {

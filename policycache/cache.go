@@ -146,6 +146,8 @@ type Cache struct {
 	log     *slog.Logger
 
 	sched *schedule
+	// tun holds the settings a reload may change (Retune).
+	tun atomic.Pointer[Tunables]
 
 	// base is the parent of every discovery's context; Close cancels it.
 	base   context.Context
@@ -182,6 +184,8 @@ func New(src Source, cfg Config) *Cache {
 		cfg.Refresh.IdleAfter = 30 * 24 * time.Hour
 	}
 	c := &Cache{src: src, cfg: cfg, log: cfg.Logger, sched: newSchedule()}
+	c.tun.Store(&Tunables{NegativeTTL: cfg.NegativeTTL, FirstContactTimeout: cfg.FirstContactTimeout,
+		FetchTimeout: cfg.FetchTimeout, Refresh: cfg.Refresh})
 	entries, err := lru.NewWithEvict(cfg.Size, func(domain string, _ *Entry) { c.sched.remove(domain) })
 	if err != nil {
 		panic(err) // only for a size <= 0, excluded above
@@ -213,7 +217,7 @@ func (c *Cache) LoadStore(ctx context.Context) (int, error) {
 			e.LastUsed.Store(now.Unix())
 		}
 		c.entries.Add(e.Domain, e)
-		c.scheduleAt(e, now.Add(randDuration(c.cfg.Refresh.Interval)))
+		c.scheduleAt(e, now.Add(randDuration(c.t().Refresh.Interval)))
 		n++
 	})
 	if err != nil {
@@ -239,7 +243,7 @@ func (c *Cache) Lookup(ctx context.Context, domain string) *Entry {
 	}
 	c.cfg.Observer.CacheMiss()
 	ch := c.discoverAsync(domain)
-	timer := time.NewTimer(c.cfg.FirstContactTimeout)
+	timer := time.NewTimer(c.t().FirstContactTimeout)
 	defer timer.Stop()
 	select {
 	case e := <-ch:
@@ -288,7 +292,7 @@ func (c *Cache) discoverAsync(domain string) <-chan *Entry {
 	go func() {
 		defer c.wg.Done()
 		v, _, _ := c.group.Do(domain, func() (any, error) {
-			ctx, cancel := context.WithTimeout(c.base, c.cfg.FetchTimeout)
+			ctx, cancel := context.WithTimeout(c.base, c.t().FetchTimeout)
 			defer cancel()
 			if e := c.fromStore(ctx, domain); e != nil {
 				return e, nil
@@ -310,11 +314,11 @@ func (c *Cache) discover(ctx context.Context, domain string) *Entry {
 		e := &Entry{Domain: domain, Err: bounded(err), Fetched: now}
 		switch {
 		case errors.Is(err, resolver.ErrNoRecord):
-			e.Reason, e.Expires = ReasonNoRecord, now.Add(c.cfg.NegativeTTL)
+			e.Reason, e.Expires = ReasonNoRecord, now.Add(c.t().NegativeTTL)
 		case errors.Is(err, resolver.ErrInvalidRecord):
-			e.Reason, e.Expires = ReasonInvalidRecord, now.Add(c.cfg.NegativeTTL)
+			e.Reason, e.Expires = ReasonInvalidRecord, now.Add(c.t().NegativeTTL)
 		default:
-			e.Reason, e.Expires = ReasonDNSFailure, now.Add(min(c.cfg.NegativeTTL, DNSFailureTTL))
+			e.Reason, e.Expires = ReasonDNSFailure, now.Add(min(c.t().NegativeTTL, DNSFailureTTL))
 			c.log.Info("MTA-STS record lookup failed", "domain", domain, "err", e.Err)
 		}
 		c.cfg.Observer.Discovery(string(e.Reason))

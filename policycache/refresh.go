@@ -23,25 +23,29 @@ import (
 // refreshLoop runs refreshes as they fall due, until Close.
 func (c *Cache) refreshLoop() {
 	defer c.wg.Done()
-	sem := make(chan struct{}, c.cfg.Refresh.Concurrency)
+	sem := make(chan struct{}, c.t().Refresh.Concurrency)
 	var workers sync.WaitGroup
 	defer workers.Wait()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
+		if n := c.t().Refresh.Concurrency; n != cap(sem) {
+			sem = make(chan struct{}, n) // a reload changed it
+		}
 		now := c.cfg.Now()
 		for {
 			domain, ok := c.sched.popDue(now)
 			if !ok {
 				break
 			}
+			token := sem
 			select {
-			case sem <- struct{}{}:
+			case token <- struct{}{}:
 			case <-c.base.Done():
 				return
 			}
 			workers.Go(func() {
-				defer func() { <-sem }()
+				defer func() { <-token }()
 				c.refreshDomain(domain)
 			})
 		}
@@ -71,7 +75,7 @@ func (c *Cache) refreshDomain(domain string) {
 		return
 	}
 	now := c.cfg.Now()
-	if now.Unix()-e.LastUsed.Load() > int64(c.cfg.Refresh.IdleAfter/time.Second) {
+	if now.Unix()-e.LastUsed.Load() > int64(c.t().Refresh.IdleAfter/time.Second) {
 		c.drop(e, "idle")
 		c.cfg.Observer.Refresh(RefreshDroppedIdle)
 		return
@@ -81,12 +85,12 @@ func (c *Cache) refreshDomain(domain string) {
 		c.cfg.Observer.Refresh(RefreshDroppedExpired)
 		return
 	}
-	ctx, cancel := context.WithTimeout(c.base, c.cfg.FetchTimeout)
+	ctx, cancel := context.WithTimeout(c.base, c.t().FetchTimeout)
 	defer cancel()
 	if c.cfg.Store != nil {
 		// A fleet refreshes each domain once per interval: the MTA that
 		// claims it does the work, the others take its result.
-		claimed, err := c.cfg.Store.Claim(ctx, domain, c.cfg.Refresh.Interval)
+		claimed, err := c.cfg.Store.Claim(ctx, domain, c.t().Refresh.Interval)
 		if err != nil {
 			c.cfg.Observer.StoreError(StoreOpClaim)
 		}
@@ -241,8 +245,8 @@ func (c *Cache) drop(e *Entry, why string) {
 // renewBefore is how long before expiry a policy whose TXT lookup fails is
 // fetched directly: the configured value, or min(24h, max_age/2).
 func (c *Cache) renewBefore(p *resolver.Policy) time.Duration {
-	if c.cfg.Refresh.RenewBefore > 0 {
-		return c.cfg.Refresh.RenewBefore
+	if c.t().Refresh.RenewBefore > 0 {
+		return c.t().Refresh.RenewBefore
 	}
 	return min(24*time.Hour, p.MaxAge/2)
 }
@@ -251,7 +255,7 @@ func (c *Cache) renewBefore(p *resolver.Policy) time.Duration {
 // plus up to a tenth of it as jitter, but early enough to renew before
 // expiry when the policy's max_age is shorter than the interval.
 func (c *Cache) nextCheck(e *Entry, now time.Time) time.Time {
-	next := now.Add(c.cfg.Refresh.Interval + randDuration(c.cfg.Refresh.Interval/10))
+	next := now.Add(c.t().Refresh.Interval + randDuration(c.t().Refresh.Interval/10))
 	if renew := e.Expires.Add(-c.renewBefore(e.Policy)); renew.Before(next) {
 		next = renew
 		if soonest := now.Add(time.Minute); next.Before(soonest) {
@@ -262,7 +266,7 @@ func (c *Cache) nextCheck(e *Entry, now time.Time) time.Time {
 }
 
 func (c *Cache) scheduleAt(e *Entry, at time.Time) {
-	if c.cfg.Refresh.Interval > 0 && e.Policy != nil {
+	if c.t().Refresh.Interval > 0 && e.Policy != nil {
 		c.sched.set(e.Domain, at)
 	}
 }
@@ -298,6 +302,14 @@ func (s *schedule) set(domain string, at time.Time) {
 		case s.wake <- struct{}{}:
 		default:
 		}
+	}
+}
+
+// poke wakes the refresher.
+func (s *schedule) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
 	}
 }
 
