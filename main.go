@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"stsmap/admin"
 	"stsmap/config"
 	"stsmap/dane"
 	"stsmap/metrics"
@@ -69,6 +70,8 @@ const usage = `usage:
   stsmap [serve] [-config FILE]            run the daemon (embedded defaults without -config)
   stsmap query [-config FILE] [-map NAME] [-json] KEY
                                            look KEY up once, as Postfix would; exit 0 found, 1 not found
+  stsmap cache [-config FILE] [-socket PATH] list [-json] | show DOMAIN | purge DOMAIN | purge -all | refresh DOMAIN
+                                           the running daemon's cached policies
   stsmap check-config -config FILE         validate a config file
   stsmap version
 `
@@ -83,6 +86,8 @@ func run(ctx context.Context, args []string, e *env) int {
 		return runServe(ctx, args, e)
 	case "query":
 		return runQuery(ctx, args, e)
+	case "cache":
+		return runCache(ctx, args, e)
 	case "check-config":
 		return runCheckConfig(args, e)
 	case "version":
@@ -303,6 +308,23 @@ func serve(ctx context.Context, cfg *config.Config, path string, e *env) int {
 		}
 	}
 
+	// The admin socket of stsmap cache. Mail does not depend on it: without
+	// it the daemon runs on, and says why.
+	var adminSrv *admin.Server
+	if cfg.Admin.Socket != "none" {
+		if path, err := adminSocketPath(cfg); err != nil {
+			log.Error("no admin socket: stsmap cache commands will not work; set admin.socket", "err", err)
+		} else if l, err := admin.Listen(path, admin.DefaultSocketMode); err != nil {
+			log.Error("no admin socket: stsmap cache commands will not work", "socket", path, "err", err)
+		} else {
+			adminSrv = admin.NewServer(cache, log)
+			go func() {
+				if err := adminSrv.Serve(l); !errors.Is(err, admin.ErrServerClosed) {
+					log.Error("admin socket failed: stsmap cache commands will not work", "socket", path, "err", err)
+				}
+			}()
+		}
+	}
 	if m != nil {
 		handler.Observe = m.ObserveLookup
 		srv.ConnState = m.ConnState
@@ -360,6 +382,11 @@ func serve(ctx context.Context, cfg *config.Config, path string, e *env) int {
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, socketmap.ErrServerClosed) {
 		log.Warn("shutdown did not finish in time; connections were closed", "err", err)
+	}
+	if adminSrv != nil {
+		if err := adminSrv.Shutdown(sctx); err != nil {
+			log.Warn("admin requests did not finish in time; their connections were closed", "err", err)
+		}
 	}
 	return status
 }

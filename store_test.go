@@ -85,7 +85,7 @@ func startDaemon(t *testing.T, w *fixture.World, dir, extra string, env ...strin
 	t.Helper()
 	d := &daemon{sock: filepath.Join(dir, "stsmap.sock")}
 	cfgPath := filepath.Join(dir, "stsmap.yaml")
-	body := fmt.Sprintf("listen: [\"unix:%s\"]\nmetrics:\n  listen: \"\"\ndns:\n  nameservers: [%q]\n  timeout: 1s\n%s", d.sock, w.DNS.Addr, extra)
+	body := fmt.Sprintf("listen: [\"unix:%s\"]\nmetrics:\n  listen: \"\"\nadmin:\n  socket: \"none\"\ndns:\n  nameservers: [%q]\n  timeout: 1s\n%s", d.sock, w.DNS.Addr, extra)
 	if err := os.WriteFile(cfgPath, []byte(body), 0o644); err != nil {
 		t.Fatal(err)
 	}

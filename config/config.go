@@ -50,7 +50,15 @@ type Config struct {
 	// hosts have DNSSEC-authenticated TLSA records, SPEC 7.5) or "off".
 	DANE    string
 	Metrics MetricsConfig
+	Admin   AdminConfig
 	Log     LogConfig
+}
+
+// AdminConfig holds the admin socket's settings (stsmap cache ...).
+type AdminConfig struct {
+	// Socket is the unix socket's path (mode 0600): "" means admin.sock
+	// beside the policy store, "none" turns it off.
+	Socket string
 }
 
 // MetricsConfig holds the Prometheus listener's settings.
@@ -457,6 +465,9 @@ func (c *Config) validate() []*configError {
 		if _, port, err := net.SplitHostPort(c.Metrics.Listen); err != nil || port == "" {
 			add("metrics.listen", "must be host:port or empty, not %q", c.Metrics.Listen)
 		}
+	}
+	if a := c.Admin.Socket; a != "" && a != "none" && !filepath.IsAbs(a) {
+		add("admin.socket", "must be an absolute path, \"none\" or empty, not %q", a)
 	}
 	if c.DANE != "auto" && c.DANE != "off" {
 		add("dane", "must be auto or off, not %q", c.DANE)

@@ -34,7 +34,12 @@ type yamlConfig struct {
 	Maps      map[string]yamlMap `yaml:"maps"`
 	DANE      yaml.Node          `yaml:"dane"`
 	Metrics   yamlMetrics        `yaml:"metrics"`
+	Admin     yamlAdmin          `yaml:"admin"`
 	Log       yamlLog            `yaml:"log"`
+}
+
+type yamlAdmin struct {
+	Socket yaml.Node `yaml:"socket"`
 }
 
 type yamlMetrics struct {
@@ -189,6 +194,7 @@ func (y *yamlConfig) apply(c *Config) []*configError {
 	}
 	field(&r, &c.DANE, &y.DANE, "dane", readString)
 	field(&r, &c.Metrics.Listen, &y.Metrics.Listen, "metrics.listen", readString)
+	field(&r, &c.Admin.Socket, &y.Admin.Socket, "admin.socket", readString)
 	field(&r, &c.Log.Level, &y.Log.Level, "log.level", readLevel)
 	field(&r, &c.Log.Format, &y.Log.Format, "log.format", readString)
 	return r.errs
