@@ -45,7 +45,8 @@ func testConfig(w *fixture.World, listen ...string) *config.Config {
 	cfg.Listen = listen
 	cfg.DNS.Nameservers = []string{w.DNS.Addr}
 	cfg.Cache.Store = "memory"
-	cfg.Metrics.Listen = ""                          // tests run many daemons at once
+	cfg.Metrics.Listen = "" // tests run many daemons at once
+	cfg.Admin.Socket = "none"
 	cfg.Fetch.FirstContactTimeout = 10 * time.Second // loopback fixtures; the race detector is slow
 	return cfg
 }
