@@ -2,14 +2,14 @@ package admin
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
 	"syscall"
-	"time"
+
+	"stsmap/socketmap"
 )
 
 // DefaultSocketMode lets only the daemon's user and root use the admin
@@ -29,8 +29,8 @@ func Listen(path string, mode fs.FileMode) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("admin: %w", err)
 	}
-	if err := removeStaleSocket(path); err != nil {
-		return nil, err
+	if err := socketmap.RemoveStaleSocket(path); err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
 	}
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error { return restrictBeforeBind(c, mode) }}
 	l, err := lc.Listen(context.Background(), "unix", path)
@@ -43,26 +43,4 @@ func Listen(path string, mode fs.FileMode) (net.Listener, error) {
 		return nil, fmt.Errorf("admin: %w", err)
 	}
 	return l, nil
-}
-
-func removeStaleSocket(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("admin: %w", err)
-	}
-	if fi.Mode().Type() != fs.ModeSocket {
-		return fmt.Errorf("admin: %s exists and is not a socket", path)
-	}
-	c, err := net.DialTimeout("unix", path, time.Second)
-	if err == nil {
-		c.Close()
-		return fmt.Errorf("admin: %s is in use by another process; is another stsmap running?", path)
-	}
-	if !errors.Is(err, syscall.ECONNREFUSED) {
-		return fmt.Errorf("admin: %s: %w", path, err)
-	}
-	return os.Remove(path) // nobody accepts on it: stale
 }

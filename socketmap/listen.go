@@ -25,7 +25,7 @@ func Listen(addr string, mode fs.FileMode) (net.Listener, error) {
 	if !ok {
 		return net.Listen("tcp", addr)
 	}
-	if err := removeStaleSocket(path); err != nil {
+	if err := RemoveStaleSocket(path); err != nil {
 		return nil, err
 	}
 	l, err := net.Listen("unix", path)
@@ -39,7 +39,10 @@ func Listen(addr string, mode fs.FileMode) (net.Listener, error) {
 	return l, nil
 }
 
-func removeStaleSocket(path string) error {
+// RemoveStaleSocket removes a unix socket file at path that nothing accepts
+// on any more (left by a process that is gone). A missing file is fine; a
+// file that is not a socket, or a socket in use, is an error.
+func RemoveStaleSocket(path string) error {
 	fi, err := os.Lstat(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
@@ -53,7 +56,7 @@ func removeStaleSocket(path string) error {
 	c, err := net.DialTimeout("unix", path, time.Second)
 	if err == nil {
 		c.Close()
-		return fmt.Errorf("socketmap: %s is in use by another process", path)
+		return fmt.Errorf("socketmap: %s is in use by another process; is another stsmap running?", path)
 	}
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("socketmap: %s: %w", path, err)
