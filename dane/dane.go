@@ -116,7 +116,7 @@ type Checker struct {
 	r       Resolver
 	cfg     Config
 	log     *slog.Logger
-	entries *lru.Cache[string, *entry]
+	entries *lru.Cache[query, *entry]
 	group   singleflight.Group
 
 	// base is the parent of every lookup's context; Close cancels it.
@@ -165,7 +165,7 @@ func New(r Resolver, cfg Config) *Checker {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	entries, err := lru.New[string, *entry](cfg.Size)
+	entries, err := lru.New[query, *entry](cfg.Size)
 	if err != nil {
 		panic(err) // only for a size <= 0, excluded above
 	}
@@ -174,14 +174,15 @@ func New(r Resolver, cfg Config) *Checker {
 	return c
 }
 
-// query is what one check looks up.
+// query is what one check looks up, and the cache key of its result: a
+// comparable struct, so that a cache hit needs no key to be built.
 type query struct {
 	name string // the domain or host, lowercased, without trailing dot
 	port int
 	host bool
 }
 
-// key is the cache and singleflight key of q.
+// key is the singleflight key of q.
 func (q query) key() string {
 	kind := "d"
 	if q.host {
@@ -206,33 +207,58 @@ func (q query) key() string {
 // 7672 §2.2.2: a host whose TLSA records are only at its CNAME target has
 // none here.
 //
-// A cached result is returned without I/O; one in the last quarter of its
-// lifetime is refreshed in the background. Otherwise a lookup is started,
+// A cached result is returned without I/O or allocation; one in the last
+// quarter of its lifetime is refreshed in the background. Otherwise a lookup is started,
 // or joined when one runs for the same next hop, and Check waits for it
 // until ctx ends; then it returns Temp and an error wrapping ctx's error,
 // while the lookup goes on and caches its result. The error is nil except
 // with Temp.
 func (c *Checker) Check(ctx context.Context, nexthop string, port int, host bool) (Level, error) {
-	q := query{name: strings.TrimSuffix(strings.ToLower(nexthop), "."), port: port, host: host}
-	if q.port <= 0 {
-		q.port = 25
-	}
-	key := q.key()
-	if e, ok := c.entries.Get(key); ok {
-		now := c.cfg.Now()
-		if now.Before(e.expires) {
-			if !now.Before(e.refreshAt) && e.refreshing.CompareAndSwap(false, true) {
-				c.run(key, q)
-			}
-			return e.result()
-		}
+	q := newQuery(nexthop, port, host)
+	if lvl, ok, err := c.cached(q); ok {
+		return lvl, err
 	}
 	select {
-	case e := <-c.run(key, q):
+	case e := <-c.run(q):
 		return e.result()
 	case <-ctx.Done():
 		return Temp, fmt.Errorf("dane: %w", ctx.Err())
 	}
+}
+
+// Cached returns what Check would return from the cache, without waiting
+// and without allocating, or ok=false when no unexpired result is cached;
+// then only Check finds the level. Like Check, it starts the background
+// refresh of a result in the last quarter of its lifetime. It lets a caller
+// skip setting up a deadline for Check on the common, cached path.
+func (c *Checker) Cached(nexthop string, port int, host bool) (lvl Level, ok bool, err error) {
+	return c.cached(newQuery(nexthop, port, host))
+}
+
+func newQuery(nexthop string, port int, host bool) query {
+	q := query{name: strings.TrimSuffix(strings.ToLower(nexthop), "."), port: port, host: host}
+	if q.port <= 0 {
+		q.port = 25
+	}
+	return q
+}
+
+// cached returns q's cached, unexpired result, refreshing it in the
+// background in the last quarter of its lifetime.
+func (c *Checker) cached(q query) (Level, bool, error) {
+	e, ok := c.entries.Get(q)
+	if !ok {
+		return None, false, nil
+	}
+	now := c.cfg.Now()
+	if !now.Before(e.expires) {
+		return None, false, nil
+	}
+	if !now.Before(e.refreshAt) && e.refreshing.CompareAndSwap(false, true) {
+		c.run(q)
+	}
+	lvl, err := e.result()
+	return lvl, true, err
 }
 
 // Close stops background lookups and waits for them to end. Checks after
@@ -245,11 +271,15 @@ func (c *Checker) Close() {
 	c.wg.Wait()
 }
 
-// run starts the lookup of q, or joins the one running for key, and
+// run starts the lookup of q, or joins the one running for it, and
 // delivers the committed entry on the returned channel. The lookup runs on
 // the Checker's context, bounded by lookupTimeout, never on a caller's: it
 // must outlive a check that stops waiting.
-func (c *Checker) run(key string, q query) <-chan *entry {
+func (c *Checker) run(q query) <-chan *entry {
+	// q becomes a cache key: it must not keep the caller's string, of
+	// which its name may be a part, alive.
+	q.name = strings.Clone(q.name)
+	key := q.key()
 	out := make(chan *entry, 1)
 	c.mu.Lock()
 	if c.closed {
@@ -276,7 +306,7 @@ func (c *Checker) run(key string, q query) <-chan *entry {
 				// Closing: the lookups were cut short.
 				return closedEntry, nil
 			}
-			return c.commit(key, q, o), nil
+			return c.commit(q, o), nil
 		})
 		out <- v.(*entry)
 	}()
@@ -409,9 +439,9 @@ func usable(t resolver.TLSA) bool {
 // with. A failed lookup does not replace an unexpired result learned
 // before: that one is served until it expires, and refreshed again after
 // failureTTL.
-func (c *Checker) commit(key string, q query, o outcome) *entry {
+func (c *Checker) commit(q query, o outcome) *entry {
 	now := c.cfg.Now()
-	old, hadOld := c.entries.Peek(key)
+	old, hadOld := c.entries.Peek(q)
 	if o.err != nil {
 		if o.level == Temp {
 			c.log.Warn("DANE TLSA lookup failed", "domain", q.name, "port", q.port, "err", bounded(o.err))
@@ -420,7 +450,7 @@ func (c *Checker) commit(key string, q query, o outcome) *entry {
 		}
 		if hadOld && !old.failed && now.Before(old.expires) {
 			kept := &entry{level: old.level, err: old.err, expires: old.expires, refreshAt: now.Add(failureTTL)}
-			c.entries.Add(key, kept)
+			c.entries.Add(q, kept)
 			return kept
 		}
 	}
@@ -433,7 +463,7 @@ func (c *Checker) commit(key string, q query, o outcome) *entry {
 	if o.level == Temp {
 		e.err = ErrTLSALookup
 	}
-	c.entries.Add(key, e)
+	c.entries.Add(q, e)
 
 	oldLevel := None
 	if hadOld {

@@ -7,7 +7,10 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
+
+	lru "github.com/hashicorp/golang-lru/v2"
 
 	"stsmap/dane"
 	"stsmap/policycache"
@@ -29,6 +32,15 @@ type DANEChecker interface {
 
 var _ DANEChecker = (*dane.Checker)(nil)
 
+// daneCache is implemented by a DANEChecker that can answer from its cache
+// without waiting, as dane.Checker does: a cached level then costs no
+// deadline (a context and a timer) per lookup.
+type daneCache interface {
+	Cached(nexthop string, port int, host bool) (dane.Level, bool, error)
+}
+
+var _ daneCache = (*dane.Checker)(nil)
+
 // Handler answers Postfix's smtp_tls_policy_maps lookups (SPEC 2, 7).
 type Handler struct {
 	Cache Lookuper
@@ -44,6 +56,52 @@ type Handler struct {
 	// answered (one of the Answer* constants) and how long it took, for
 	// metrics. It must not block.
 	Observe func(answer string, elapsed time.Duration)
+	// AnswerCacheSize bounds the answers kept rendered, so that a lookup
+	// of a cached policy does not render it again (0: 10000).
+	AnswerCacheSize int
+
+	answersOnce sync.Once
+	answers     *lru.Cache[answerKey, answerText]
+}
+
+// answerKey identifies a rendered answer. A cached policy is immutable and
+// a changed one is a new *resolver.Policy, so the pointer stands for the
+// policy's content; a stale pointer only costs memory until evicted.
+type answerKey struct {
+	p      *resolver.Policy
+	s      Settings
+	domain string
+}
+
+// answerText is Answer's result.
+type answerText struct {
+	text string
+	ok   bool
+}
+
+// defaultAnswerCacheSize is AnswerCacheSize's default: the busy domains
+// of a large site, at some hundred bytes each (more with TLSRPT).
+const defaultAnswerCacheSize = 10000
+
+// answer is Answer, memoized: for a policy seen before it does not
+// allocate.
+func (h *Handler) answer(domain string, p *resolver.Policy, s Settings) (string, bool) {
+	if p == nil {
+		return "", false
+	}
+	h.answersOnce.Do(func() {
+		h.answers, _ = lru.New[answerKey, answerText](cmp.Or(max(h.AnswerCacheSize, 0), defaultAnswerCacheSize))
+	})
+	k := answerKey{p: p, s: s, domain: domain}
+	if a, ok := h.answers.Get(k); ok {
+		return a.text, a.ok
+	}
+	text, ok := Answer(domain, p, s)
+	// The domain may be part of the socketmap request, which the key
+	// must not keep alive.
+	k.domain = strings.Clone(domain)
+	h.answers.Add(k, answerText{text: text, ok: ok})
+	return text, ok
 }
 
 // What a lookup was answered, for Handler.Observe.
@@ -90,7 +148,7 @@ func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply,
 		return socketmap.Temp("DANE TLSA lookup failed"), AnswerTemp
 	}
 	e := h.Cache.Lookup(ctx, domain)
-	text, ok := Answer(domain, e.Policy, h.Settings(name))
+	text, ok := h.answer(domain, e.Policy, h.Settings(name))
 	switch {
 	case ok && e.Policy.Mode == resolver.ModeTesting:
 		return socketmap.OK(text), AnswerTesting
@@ -110,10 +168,20 @@ func (h *Handler) daneLevel(ctx context.Context, key, domain string) dane.Level 
 	if h.DANE == nil {
 		return dane.None
 	}
+	port, host := nexthopShape(key)
+	if c, ok := h.DANE.(daneCache); ok {
+		if lvl, ok, err := c.Cached(domain, port, host); ok {
+			return daneResult(lvl, err)
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, cmp.Or(h.DANETimeout, 5*time.Second))
 	defer cancel()
-	port, host := nexthopShape(key)
-	lvl, err := h.DANE.Check(ctx, domain, port, host)
+	return daneResult(h.DANE.Check(ctx, domain, port, host))
+}
+
+// daneResult is the level of a DANE check that returned lvl and err: Temp
+// only for a failed TLSA lookup, None for a check that did not finish.
+func daneResult(lvl dane.Level, err error) dane.Level {
 	if lvl == dane.Temp && !errors.Is(err, dane.ErrTLSALookup) {
 		return dane.None
 	}
