@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -133,11 +132,12 @@ func (h *Handler) ServeSocketmap(ctx context.Context, name, key string) socketma
 
 // serve answers a lookup and says which of the Answer* kinds the reply is.
 func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply, string) {
-	domain, err := NormalizeKey(key)
+	hop, err := ParseKey(key)
 	if err != nil {
 		return socketmap.NotFound(), AnswerNoPolicy // SPEC 2.4
 	}
-	switch h.daneLevel(ctx, key, domain) {
+	domain := hop.Domain
+	switch h.daneLevel(ctx, hop) {
 	case dane.DaneOnly:
 		return socketmap.OK("dane-only"), AnswerDaneOnly
 	case dane.Dane:
@@ -164,19 +164,18 @@ func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply,
 // daneLevel returns the DANE level of the next hop, or dane.None when DANE
 // is off or the check did not finish in time (it goes on in the background
 // and its result is cached): a slow resolver must not defer mail.
-func (h *Handler) daneLevel(ctx context.Context, key, domain string) dane.Level {
+func (h *Handler) daneLevel(ctx context.Context, hop Nexthop) dane.Level {
 	if h.DANE == nil {
 		return dane.None
 	}
-	port, host := nexthopShape(key)
 	if c, ok := h.DANE.(daneCache); ok {
-		if lvl, ok, err := c.Cached(domain, port, host); ok {
+		if lvl, ok, err := c.Cached(hop.Domain, hop.Port, hop.Bracketed); ok {
 			return daneResult(lvl, err)
 		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, cmp.Or(h.DANETimeout, 5*time.Second))
 	defer cancel()
-	return daneResult(h.DANE.Check(ctx, domain, port, host))
+	return daneResult(h.DANE.Check(ctx, hop.Domain, hop.Port, hop.Bracketed))
 }
 
 // daneResult is the level of a DANE check that returned lvl and err: Temp
@@ -186,20 +185,6 @@ func daneResult(lvl dane.Level, err error) dane.Level {
 		return dane.None
 	}
 	return lvl
-}
-
-// nexthopShape tells a bracketed next hop ("[host]", "[host]:587": no MX
-// lookup) from a domain, and its port (25 unless given).
-func nexthopShape(key string) (port int, host bool) {
-	k := strings.TrimSpace(key)
-	host = strings.HasPrefix(k, "[")
-	port = 25
-	if i := strings.LastIndexByte(k, ':'); i > 0 && (!host || k[i-1] == ']') {
-		if p, err := strconv.Atoi(k[i+1:]); err == nil && p > 0 && p < 65536 {
-			port = p
-		}
-	}
-	return port, host
 }
 
 // Result explains one lookup, for `stsmap query -json`.
@@ -227,13 +212,14 @@ type Result struct {
 // "dane" when a DANE level takes precedence (DANE says which).
 func (h *Handler) Explain(ctx context.Context, key string, s Settings) Result {
 	r := Result{Key: key}
-	domain, err := NormalizeKey(key)
+	hop, err := ParseKey(key)
 	if err != nil {
 		r.Reason = SkipReason(err)
 		return r
 	}
+	domain := hop.Domain
 	r.Domain = domain
-	if lvl := h.daneLevel(ctx, key, domain); lvl != dane.None {
+	if lvl := h.daneLevel(ctx, hop); lvl != dane.None {
 		r.DANE, r.Reason = lvl.String(), "dane"
 		if lvl != dane.Temp {
 			r.Found, r.Answer = true, lvl.String()

@@ -68,73 +68,26 @@ func TestHandlerDANEPrecedence(t *testing.T) {
 	}
 }
 
-func TestNexthopShape(t *testing.T) {
+// ParseKey says how Postfix reaches the next hop: the port (25 unless
+// given) and whether it is bracketed, with no MX lookup (SPEC 2.3, 7.5).
+func TestParseKey(t *testing.T) {
 	tests := []struct {
-		key      string
-		wantPort int
-		wantHost bool
+		key  string
+		want Nexthop
 	}{
-		{"example.com", 25, false},
-		{"example.com:2525", 2525, false},
-		{"[mail.example.com]", 25, true},
-		{"[mail.example.com]:587", 587, true},
-		{" [Mail.Example.com]:465 ", 465, true},
-		{"[mail.example.com]:x", 25, true},
+		{"example.com", Nexthop{"example.com", 25, false}},
+		{"example.com:2525", Nexthop{"example.com", 2525, false}},
+		{"[mail.example.com]", Nexthop{"mail.example.com", 25, true}},
+		{"[mail.example.com]:587", Nexthop{"mail.example.com", 587, true}},
+		{" [Mail.Example.com]:465 ", Nexthop{"mail.example.com", 465, true}},
 	}
 	for _, tt := range tests {
-		port, host := nexthopShape(tt.key)
-		if port != tt.wantPort || host != tt.wantHost {
-			t.Errorf("nexthopShape(%q) = %d, %v; want %d, %v", tt.key, port, host, tt.wantPort, tt.wantHost)
+		got, err := ParseKey(tt.key)
+		if err != nil || got != tt.want {
+			t.Errorf("ParseKey(%q) = %+v, %v; want %+v", tt.key, got, err, tt.want)
 		}
 	}
-}
-
-// Observe is told once per lookup what the answer was.
-func TestHandlerObserve(t *testing.T) {
-	policy := func(mode resolver.Mode) *policycache.Entry {
-		return &policycache.Entry{Reason: policycache.ReasonPolicy,
-			Policy: &resolver.Policy{Mode: mode, MaxAge: time.Hour, MX: []string{"mx.example.net"}}}
-	}
-	cache := fakeCache{
-		"enforce.example": policy(resolver.ModeEnforce),
-		"testing.example": policy(resolver.ModeTesting),
-		"none.example":    policy(resolver.ModeNone),
-		"nomx.example":    {Reason: policycache.ReasonPolicy, Policy: &resolver.Policy{Mode: resolver.ModeEnforce, MX: []string{"*"}}},
-	}
-	d := &fakeDANE{
-		levels: map[string]dane.Level{"dane.example": dane.Dane, "daneonly.example": dane.DaneOnly, "temp.example": dane.Temp},
-		errs:   map[string]error{"temp.example": dane.ErrTLSALookup},
-	}
-	tests := []struct {
-		key    string
-		strict bool
-		want   string
-	}{
-		{"enforce.example", false, AnswerEnforce},
-		{"testing.example", false, AnswerNoPolicy},
-		{"testing.example", true, AnswerTesting},
-		{"none.example", false, AnswerNone},
-		{"nomx.example", false, AnswerNoPolicy},
-		{"norecord.example", false, AnswerNoPolicy},
-		{".example.com", false, AnswerNoPolicy},
-		{"[192.0.2.1]", false, AnswerNoPolicy},
-		{"dane.example", false, AnswerDane},
-		{"daneonly.example", false, AnswerDaneOnly},
-		{"temp.example", false, AnswerTemp},
-	}
-	for _, tt := range tests {
-		var got []string
-		h := &Handler{Cache: cache, DANE: d,
-			Settings: func(string) Settings { return Settings{StrictTesting: tt.strict} },
-			Observe: func(answer string, elapsed time.Duration) {
-				if elapsed < 0 {
-					t.Errorf("%s: negative elapsed %v", tt.key, elapsed)
-				}
-				got = append(got, answer)
-			}}
-		h.ServeSocketmap(t.Context(), "postfix", tt.key)
-		if len(got) != 1 || got[0] != tt.want {
-			t.Errorf("%s (strict testing %v): observed %q, want [%q]", tt.key, tt.strict, got, tt.want)
-		}
+	if _, err := ParseKey("[mail.example.com]:x"); SkipReason(err) != "invalid_name" {
+		t.Errorf("ParseKey with a bad port: got %v, want invalid_name", err)
 	}
 }

@@ -3,6 +3,7 @@ package policymap
 import (
 	"errors"
 	"net/netip"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -94,27 +95,54 @@ var idnaProfile = idna.New(idna.MapForLookup(), idna.Transitional(false), idna.B
 // An already-lowercase ASCII name costs no allocation: the result is then
 // a substring of key.
 func NormalizeKey(key string) (string, error) {
+	n, err := ParseKey(key)
+	return n.Domain, err
+}
+
+// Nexthop is a lookup key taken apart.
+type Nexthop struct {
+	Domain string // as NormalizeKey returns it
+	// Port is the key's port, 25 when it has none.
+	Port int
+	// Bracketed is true for "[host]" and "[host]:port": Postfix connects
+	// to the host itself, with no MX lookup.
+	Bracketed bool
+}
+
+// ParseKey is NormalizeKey that also says how Postfix will reach the next
+// hop (for DANE, SPEC 7.5).
+func ParseKey(key string) (Nexthop, error) {
 	key = trimSpace(key) // SPEC 2.2
 	switch {
 	case key == "":
-		return "", errEmpty
+		return Nexthop{}, errEmpty
 	case len(key) > maxKeyLen:
-		return "", errInvalidName
+		return Nexthop{}, errInvalidName
 	case strings.IndexByte(key, '/') >= 0:
 		// An LMTP socket path; Postfix leaves out the "unix:" prefix but
 		// any "/" rules out a host name (SPEC 2.4).
-		return "", errPath
+		return Nexthop{}, errPath
 	case key[0] == '.':
 		// After a NOTFOUND Postfix tries ".example.com", then ".com".
 		// RFC 8461 §3.4 forbids applying a parent domain's policy
 		// (SPEC 2.4).
-		return "", errParentDomain
+		return Nexthop{}, errParentDomain
 	}
-	host, err := hostOfKey(key)
+	host, port, err := hostOfKey(key)
 	if err != nil {
-		return "", err
+		return Nexthop{}, err
 	}
-	return normalizeHost(host)
+	domain, err := normalizeHost(host)
+	if err != nil {
+		return Nexthop{}, err
+	}
+	n := Nexthop{Domain: domain, Port: 25, Bracketed: key[0] == '['}
+	if port != "" { // validPort checked it: digits only
+		if p, _ := strconv.Atoi(port); p > 0 {
+			n.Port = p
+		}
+	}
+	return n, nil
 }
 
 // trimSpace removes ASCII spaces and tabs around s (SPEC 2.2). Unicode
@@ -129,47 +157,48 @@ func trimSpace(s string) string {
 	return s
 }
 
-// hostOfKey returns the host of "[host]", "[host]:port" and "host:port",
-// and a plain name as it is (SPEC 2.3: the smart host's domain is the
+// hostOfKey returns the host and port of "[host]", "[host]:port" and
+// "host:port", and a plain name as it is (SPEC 2.3: the smart host's domain is the
 // policy domain, RFC 8461 §3.4). IPv6 literals are rejected here, where
 // their colons are still recognisable; IPv4 literals are rejected later, by
 // checkHostname.
-func hostOfKey(key string) (string, error) {
+func hostOfKey(key string) (host, port string, err error) {
 	if key[0] == '[' {
 		end := strings.IndexByte(key, ']')
 		if end < 0 {
-			return "", errInvalidName
+			return "", "", errInvalidName
 		}
 		host, rest := key[1:end], key[end+1:]
 		if rest != "" {
-			port, ok := strings.CutPrefix(rest, ":")
+			var ok bool
+			port, ok = strings.CutPrefix(rest, ":")
 			if !ok || !validPort(port) {
-				return "", errInvalidName
+				return "", "", errInvalidName
 			}
 		}
 		if hasPrefixFold(host, "ipv6:") {
-			return "", errIPLiteral // Postfix's "[ipv6:2001:db8::1]"
+			return "", "", errIPLiteral // Postfix's "[ipv6:2001:db8::1]"
 		}
 		if strings.IndexByte(host, ':') >= 0 {
-			return "", ipOrInvalid(host) // "[2001:db8::1]"
+			return "", "", ipOrInvalid(host) // "[2001:db8::1]"
 		}
-		return host, nil
+		return host, port, nil
 	}
 	if hasPrefixFold(key, "ipv6:") {
-		return "", errIPLiteral
+		return "", "", errIPLiteral
 	}
 	colon := strings.IndexByte(key, ':')
 	if colon < 0 {
-		return key, nil
+		return key, "", nil
 	}
-	host, port := key[:colon], key[colon+1:]
+	host, port = key[:colon], key[colon+1:]
 	if strings.IndexByte(port, ':') >= 0 {
-		return "", ipOrInvalid(key) // a bare IPv6 address
+		return "", "", ipOrInvalid(key) // a bare IPv6 address
 	}
 	if !validPort(port) {
-		return "", errInvalidName
+		return "", "", errInvalidName
 	}
-	return host, nil
+	return host, port, nil
 }
 
 // validPort reports whether s is a decimal TCP port. Postfix would also
