@@ -177,9 +177,7 @@ func (c *Cache) deleteStored(ctx context.Context, domain string) error {
 	if c.cfg.Store == nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
-	defer cancel()
-	if err := c.cfg.Store.Delete(ctx, domain); err != nil {
+	if err := c.storeDelete(ctx, domain); err != nil {
 		return fmt.Errorf("policy store: %w", err)
 	}
 	return nil

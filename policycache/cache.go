@@ -391,14 +391,7 @@ func (c *Cache) commit(ctx context.Context, e *Entry) {
 	}
 	c.scheduleAt(e, c.nextCheck(e, c.cfg.Now()))
 	if c.cfg.Store != nil {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
-		defer cancel()
-		if err := c.cfg.Store.Put(ctx, e); err != nil {
-			c.cfg.Observer.StoreError(StoreOpPut)
-			if !errors.Is(err, ErrStoreUnavailable) { // the store logs its own outages
-				c.log.Error("policy store write failed; the policy is cached in memory only", "domain", e.Domain, "err", bounded(err))
-			}
-		}
+		c.logStoreError(slog.LevelError, "policy store write failed; the policy is cached in memory only", e.Domain, c.storePut(ctx, e))
 	}
 }
 

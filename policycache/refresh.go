@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"runtime/debug"
 	"sync"
@@ -214,11 +215,7 @@ func (c *Cache) refreshFailed(ctx context.Context, old *Entry, failedID string, 
 	}
 	c.entries.Add(n.Domain, n)
 	if c.cfg.Store != nil {
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
-		if err := c.cfg.Store.Put(sctx, n); err != nil { // failure state is advisory; the store logs outages
-			c.cfg.Observer.StoreError(StoreOpPut)
-		}
-		cancel()
+		c.storePut(ctx, n) // the failure state is advisory: counted, not logged
 	}
 	c.scheduleAt(n, now.Add(FailureBackoff+randDuration(FailureBackoff/10)))
 	c.cfg.Observer.Refresh(RefreshFailed)
@@ -231,14 +228,7 @@ func (c *Cache) drop(e *Entry, why string) {
 	c.entries.Remove(e.Domain)
 	c.log.Debug("dropping cached policy", "domain", e.Domain, "policy_id", e.ID, "why", why)
 	if c.cfg.Store != nil {
-		ctx, cancel := context.WithTimeout(c.base, storeTimeout)
-		defer cancel()
-		if err := c.cfg.Store.Delete(ctx, e.Domain); err != nil {
-			c.cfg.Observer.StoreError(StoreOpDelete)
-			if !errors.Is(err, ErrStoreUnavailable) {
-				c.log.Warn("policy store delete failed", "domain", e.Domain, "err", bounded(err))
-			}
-		}
+		c.logStoreError(slog.LevelWarn, "policy store delete failed", e.Domain, c.storeDelete(c.base, e.Domain))
 	}
 }
 
