@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 
+	"stsmap/internal/fixture"
 	"stsmap/policycache"
 )
 
@@ -116,7 +117,7 @@ func TestClientAgainstOtherServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(newFakeCache(), quietLogger())
+	srv := NewServer(newFakeCache(), fixture.QuietLogger())
 	srv.http.Handler = nil // net/http's default mux: 404 for everything
 	go srv.Serve(l)
 	defer srv.Shutdown(t.Context())

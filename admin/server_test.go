@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"log/slog"
 	"maps"
 	"net"
 	"net/http"
@@ -18,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"stsmap/internal/fixture"
 	"stsmap/policycache"
 	"stsmap/resolver"
 )
@@ -119,8 +119,6 @@ func (c *fakeCache) RefreshNow(ctx context.Context, domain string) (*policycache
 	return e, nil
 }
 
-func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
-
 // startServer serves c on a unix socket in a temporary directory until the
 // test ends, and returns the socket's path.
 func startServer(t *testing.T, c Cache) string {
@@ -130,7 +128,7 @@ func startServer(t *testing.T, c Cache) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(c, quietLogger())
+	srv := NewServer(c, fixture.QuietLogger())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(l) }()
 	t.Cleanup(func() {
@@ -330,7 +328,7 @@ func TestShutdownWaitsForRequestInFlight(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(c, quietLogger())
+	srv := NewServer(c, fixture.QuietLogger())
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"strings"
 	"sync"
@@ -25,15 +24,13 @@ var digest = strings.Repeat("ab", 32)
 // tlsa is a usable TLSA record (3 1 1) at name.
 func tlsa(name string) string { return name + ". 300 IN TLSA 3 1 1 " + digest }
 
-func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
-
 // newFixtureChecker returns a Checker querying a fresh fixture DNS server
 // through resolver.DNS, as the daemon does.
 func newFixtureChecker(t *testing.T, cfg Config) (*Checker, *fixture.DNS) {
 	t.Helper()
 	d := fixture.NewDNS(t)
 	if cfg.Logger == nil {
-		cfg.Logger = quietLogger()
+		cfg.Logger = fixture.QuietLogger()
 	}
 	c := New(resolver.NewDNS([]string{d.Addr}, 2*time.Second), cfg)
 	t.Cleanup(c.Close)
@@ -559,7 +556,7 @@ var _ Resolver = (*fakeResolver)(nil)
 func newFakeChecker(t *testing.T, r Resolver, cfg Config) *Checker {
 	t.Helper()
 	if cfg.Logger == nil {
-		cfg.Logger = quietLogger()
+		cfg.Logger = fixture.QuietLogger()
 	}
 	c := New(r, cfg)
 	t.Cleanup(c.Close)
@@ -737,7 +734,7 @@ func TestCloseCancelsAndWaits(t *testing.T) {
 		r.daneDomain("example.com", 400*time.Second)
 		r.daneDomain("example.org", 400*time.Second)
 		r.setHold(make(chan struct{}))
-		c := New(r, Config{Logger: quietLogger()})
+		c := New(r, Config{Logger: fixture.QuietLogger()})
 		done := make(chan error, 1)
 		go func() {
 			_, err := c.Check(context.Background(), "example.com", 25, false)

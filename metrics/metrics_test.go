@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -20,6 +19,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"stsmap/dane"
+	"stsmap/internal/fixture"
 	"stsmap/policycache"
 	"stsmap/policymap"
 	"stsmap/resolver"
@@ -64,8 +64,6 @@ func policyOf(mode resolver.Mode) *resolver.Policy {
 	return &resolver.Policy{Mode: mode, MaxAge: 24 * time.Hour, MX: []string{"mx.example.net"}}
 }
 
-func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
-
 // newStack wires a real cache and handler to m, as main does.
 func newStack(t *testing.T, m **Metrics, cfg policycache.Config) (*policycache.Cache, *policymap.Handler) {
 	t.Helper()
@@ -80,7 +78,7 @@ func newStack(t *testing.T, m **Metrics, cfg policycache.Config) (*policycache.C
 	var cache *policycache.Cache
 	*m = New(func() policycache.Stats { return cache.Stats() })
 	cfg.Observer = *m
-	cfg.Logger = quietLogger()
+	cfg.Logger = fixture.QuietLogger()
 	if cfg.NegativeTTL == 0 {
 		cfg.NegativeTTL = 15 * time.Minute
 	}
@@ -90,7 +88,7 @@ func newStack(t *testing.T, m **Metrics, cfg policycache.Config) (*policycache.C
 		Cache:    cache,
 		Settings: func(string) policymap.Settings { return policymap.Settings{} },
 		DANE:     fakeDANE{"dane.example": dane.Dane, "daneonly.example": dane.DaneOnly, "danetemp.example": dane.Temp},
-		Logger:   quietLogger(),
+		Logger:   fixture.QuietLogger(),
 		Observe:  (*m).ObserveLookup,
 	}
 	return cache, h
@@ -361,7 +359,7 @@ func TestSocketmapConnectionGauge(t *testing.T) {
 	var m *Metrics
 	_, h := newStack(t, &m, policycache.Config{})
 	ended := make(chan struct{}, 1)
-	srv := &socketmap.Server{Handler: h, Logger: quietLogger(), ConnState: func(delta int) {
+	srv := &socketmap.Server{Handler: h, Logger: fixture.QuietLogger(), ConnState: func(delta int) {
 		m.ConnState(delta)
 		if delta < 0 {
 			ended <- struct{}{}
@@ -460,7 +458,7 @@ func TestServe(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
-	go func() { done <- serve(ctx, ln, New(nil).Handler(nil), quietLogger()) }()
+	go func() { done <- serve(ctx, ln, New(nil).Handler(nil), fixture.QuietLogger()) }()
 
 	resp, err := http.Get("http://" + ln.Addr().String() + "/healthz")
 	if err != nil {
@@ -495,7 +493,7 @@ func TestServeListenError(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	if err := Serve(t.Context(), ln.Addr().String(), http.NotFoundHandler(), quietLogger()); err == nil {
+	if err := Serve(t.Context(), ln.Addr().String(), http.NotFoundHandler(), fixture.QuietLogger()); err == nil {
 		t.Error("Serve on an address in use: got nil, want an error")
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"stsmap/internal/fixture"
 	"stsmap/resolver"
 )
 
@@ -301,7 +302,7 @@ func TestRefreshNowCallerGivesUp(t *testing.T) {
 }
 
 func TestAdminAfterClose(t *testing.T) {
-	c := New(&fakeSource{}, Config{Logger: quietLogger()})
+	c := New(&fakeSource{}, Config{Logger: fixture.QuietLogger()})
 	c.Close()
 	if _, err := c.Purge(t.Context(), "example.com"); !errors.Is(err, ErrClosed) {
 		t.Errorf("Purge after Close: got %v, want ErrClosed", err)

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,6 +11,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"stsmap/internal/fixture"
 	"stsmap/resolver"
 )
 
@@ -56,12 +55,10 @@ func enforcePolicy(maxAge time.Duration) *resolver.Policy {
 	return &resolver.Policy{Mode: resolver.ModeEnforce, MaxAge: maxAge, MX: []string{"mx.example.com"}}
 }
 
-func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
-
 func newTestCache(t *testing.T, src Source, cfg Config) *Cache {
 	t.Helper()
 	if cfg.Logger == nil {
-		cfg.Logger = quietLogger()
+		cfg.Logger = fixture.QuietLogger()
 	}
 	c := New(src, cfg)
 	t.Cleanup(c.Close)
@@ -253,7 +250,7 @@ func TestLRUEvictsLeastRecentlyUsed(t *testing.T) {
 func TestCloseWaitsForBackgroundDiscovery(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: enforcePolicy(time.Hour), hold: make(chan struct{})}
-		c := New(src, Config{FirstContactTimeout: time.Second, Logger: quietLogger()})
+		c := New(src, Config{FirstContactTimeout: time.Second, Logger: fixture.QuietLogger()})
 		c.Lookup(t.Context(), "example.com")
 		c.Close() // cancels the held fetch and waits for it
 		if e := c.Lookup(t.Context(), "other.example"); e.Reason != ReasonPending {
@@ -292,7 +289,7 @@ func TestBoundedErrorText(t *testing.T) {
 
 func BenchmarkLookupHit(b *testing.B) {
 	src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: enforcePolicy(time.Hour)}
-	c := New(src, Config{Logger: quietLogger()})
+	c := New(src, Config{Logger: fixture.QuietLogger()})
 	defer c.Close()
 	ctx := context.Background()
 	c.Lookup(ctx, "example.com")

@@ -1,7 +1,6 @@
 package policycache
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"fmt"
@@ -13,6 +12,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"stsmap/internal/fixture"
 	"stsmap/resolver"
 )
 
@@ -148,9 +148,9 @@ func TestRefreshTXTFailureNearExpiryRenewsOverHTTPS(t *testing.T) {
 // back-off and logged as a warning.
 func TestRefreshFailedFetchKeepsPolicyUntilExpiry(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var logs bytes.Buffer
+		var logs fixture.SyncBuffer
 		cfg := refreshConfig()
-		cfg.Logger = slog.New(slog.NewTextHandler(&syncWriter{w: &logs}, nil))
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 		const maxAge = 3 * time.Hour
 		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: policyWithMX("old.example", maxAge)}
 		c := newTestCache(t, src, cfg)
@@ -191,18 +191,6 @@ func TestRefreshFailedFetchKeepsPolicyUntilExpiry(t *testing.T) {
 			t.Errorf("retries before expiry: got %d, want at most one per back-off (%d)", retries, want)
 		}
 	})
-}
-
-// syncWriter makes a bytes.Buffer safe for the logger's concurrent writes.
-type syncWriter struct {
-	mu sync.Mutex
-	w  *bytes.Buffer
-}
-
-func (s *syncWriter) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.Write(p)
 }
 
 // SPEC 4.7: lookups that miss while a refresh of the same domain runs join

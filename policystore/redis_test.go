@@ -1,7 +1,6 @@
 package policystore
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -53,28 +51,11 @@ func (s *redisServer) raw() *redis.Client {
 	return c
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // openTestRedis opens a store on s that closes with the test; its log lines
 // go to the returned buffer.
-func openTestRedis(t *testing.T, s *redisServer, prefix string) (*Redis, *syncBuffer) {
+func openTestRedis(t *testing.T, s *redisServer, prefix string) (*Redis, *fixture.SyncBuffer) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &fixture.SyncBuffer{}
 	r, err := OpenRedis(RedisOptions{
 		URL: s.URL, Prefix: prefix, ProbeInterval: 50 * time.Millisecond,
 		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),

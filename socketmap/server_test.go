@@ -1,7 +1,6 @@
 package socketmap
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -17,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"stsmap/internal/fixture"
 )
 
 // testHandler picks its reply from the key, so that each wire test chooses
@@ -54,7 +55,7 @@ type testServer struct {
 	*Server
 	addrs    []string // "127.0.0.1:port" or "unix:/path"
 	errs     chan error
-	logs     *syncBuffer
+	logs     *fixture.SyncBuffer
 	waitOnce sync.Once
 }
 
@@ -63,7 +64,7 @@ type testServer struct {
 // goroutine is left.
 func startServer(t *testing.T, s *Server) *testServer {
 	t.Helper()
-	ts := &testServer{Server: s, logs: &syncBuffer{}}
+	ts := &testServer{Server: s, logs: &fixture.SyncBuffer{}}
 	if s.Handler == nil {
 		s.Handler = HandlerFunc(testHandler)
 	}
@@ -140,23 +141,6 @@ func serverGoroutines() string {
 		}
 	}
 	return strings.Join(left, "\n\n")
-}
-
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func dial(t *testing.T, addr string) net.Conn {
