@@ -392,3 +392,30 @@ func contains(list []string, s string) bool {
 	}
 	return false
 }
+
+// SPEC 8.2: nothing is logged per cache hit at the default level.
+func TestNoLogPerCacheHit(t *testing.T) {
+	w := newTestWorld(t)
+	var logs fixture.SyncBuffer
+	e := testEnv(w)
+	e.stderr = &logs
+	addrs := startServe(t, testConfig(w, "127.0.0.1:0"), e)
+	c, err := net.Dial("tcp", addrs[0].String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	exchange(t, c, r, "postfix example.com") // learned: one line
+	before := logs.String()
+	if !strings.Contains(before, "policy learned") {
+		t.Fatalf("no log line for the learned policy:\n%s", before)
+	}
+	for range 100 {
+		exchange(t, c, r, "postfix example.com")
+		exchange(t, c, r, "postfix .example.com")
+	}
+	if after := logs.String(); after != before {
+		t.Errorf("cache hits were logged:\n%s", strings.TrimPrefix(after, before))
+	}
+}
