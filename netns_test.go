@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"go.uber.org/goleak"
 	"io"
 	"os"
 	"os/exec"
@@ -34,7 +35,8 @@ func TestMain(m *testing.M) {
 	if cfg := os.Getenv(daemonConfigEnv); cfg != "" {
 		os.Exit(runTestDaemon(cfg))
 	}
-	os.Exit(m.Run())
+	// Fail the tests if any goroutine outlives them (issue 8).
+	goleak.VerifyTestMain(m)
 }
 
 // procT lets the fixtures run outside a test.
