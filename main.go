@@ -263,12 +263,22 @@ func serve(ctx context.Context, cfg *config.Config, path string, e *env) int {
 	cache = newCache(cfg, res, store, true, m, log)
 	defer cache.Close() // before store.Close: refreshes write to the store
 	if store != nil {
-		start := time.Now()
-		n, err := cache.LoadStore(ctx)
-		if err != nil {
-			log.Warn("could not load the policy store; starting with what it gave", "store", cfg.Cache.Store, "err", err)
-		}
-		log.Info("policy store loaded", "store", cfg.Cache.Store, "policies", n, "seconds", time.Since(start).Seconds())
+		// The store loads in the background, so that Postfix is answered
+		// at once however many policies are stored: until the load ends,
+		// a lookup that misses the cache reads its domain from the store
+		// before any discovery (policycache.Cache.Lookup).
+		loadCtx, cancelLoad := context.WithCancel(ctx)
+		loaded := make(chan struct{})
+		defer func() { cancelLoad(); <-loaded }() // before cache.Close and store.Close
+		go func() {
+			defer close(loaded)
+			start := time.Now()
+			n, err := cache.LoadStore(loadCtx)
+			if err != nil && loadCtx.Err() == nil {
+				log.Warn("could not load the policy store; starting with what it gave", "store", cfg.Cache.Store, "err", err)
+			}
+			log.Info("policy store loaded", "store", cfg.Cache.Store, "policies", n, "seconds", time.Since(start).Seconds())
+		}()
 	}
 
 	handler := &policymap.Handler{

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -321,6 +322,64 @@ func BenchmarkStartup100k(b *testing.B) {
 	b.ReportMetric(float64(st.Size()), "store_bytes")
 }
 
+// BenchmarkHeapPerPolicy100k measures the daemon's heap with 100,000
+// stored policies loaded into the cache (issue 7: at most 1.5 KiB per
+// cached policy): the heap in use after the first answer, less the heap
+// before serve started, divided by the number of policies.
+func BenchmarkHeapPerPolicy100k(b *testing.B) {
+	const n = 100000
+	dir := b.TempDir()
+	path := filepath.Join(dir, "policies.db")
+	fillStore(b, path, n)
+	cfg := config.Default()
+	cfg.Cache.Path = path
+	cfg.Metrics.Listen = ""
+	cfg.Admin.Socket = "none"
+	cfg.DNS.Nameservers = []string{"127.0.0.1:9"} // never asked: every answer is cached
+	sock := filepath.Join(dir, "s.sock")
+	cfg.Listen = []string{"unix:" + sock}
+	var perPolicy float64
+	for b.Loop() {
+		before := heapInUse()
+		ctx, cancel := context.WithCancel(context.Background())
+		ready := make(chan []net.Addr, 1)
+		done := make(chan int, 1)
+		logs := &fixture.SyncBuffer{}
+		e := &env{stdout: io.Discard, stderr: logs, ready: func(a []net.Addr) { ready <- a }}
+		go func() { done <- serve(ctx, cfg, "", e) }()
+		<-ready
+		for !strings.Contains(logs.String(), "policy store loaded") { // loaded in the background
+			time.Sleep(10 * time.Millisecond)
+		}
+		if !strings.Contains(logs.String(), fmt.Sprintf("policies=%d", n)) {
+			b.Fatalf("the store did not load %d policies:\n%s", n, logs)
+		}
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			b.Fatal(err)
+		}
+		reply := make([]byte, 200)
+		io.WriteString(c, netstring("postfix d4242.example"))
+		k, _ := c.Read(reply)
+		if !strings.Contains(string(reply[:k]), "OK secure") {
+			b.Fatalf("first answer: %q", reply[:k])
+		}
+		perPolicy = float64(heapInUse()-before) / n
+		c.Close()
+		cancel()
+		<-done
+	}
+	b.ReportMetric(perPolicy, "heap_bytes/policy")
+}
+
+// heapInUse is the live heap after a full collection.
+func heapInUse() int64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.HeapAlloc)
+}
+
 // fillStore writes n enforce policies d0.example ... into a bbolt file.
 func fillStore(tb testing.TB, path string, n int) {
 	tb.Helper()
@@ -335,10 +394,16 @@ func fillStore(tb testing.TB, path string, n int) {
 	for range 500 {
 		wg.Go(func() {
 			for i := range work {
+				// A policy as fetched: parsed from a typical body, so that
+				// its lines (kept for TLSRPT) are stored too.
+				body := fmt.Sprintf("version: STSv1\r\nmode: enforce\r\nmx: mx1.d%d.example\r\nmx: *.mail.example.net\r\nmax_age: 604800\r\n", i)
+				p, err := resolver.ParsePolicy([]byte(body))
+				if err != nil {
+					tb.Error(err)
+					continue
+				}
 				e := &policycache.Entry{Domain: fmt.Sprintf("d%d.example", i), ID: "20260101", Reason: policycache.ReasonPolicy,
-					Policy: &resolver.Policy{Mode: resolver.ModeEnforce, MaxAge: 7 * 24 * time.Hour,
-						MX: []string{fmt.Sprintf("mx1.d%d.example", i), "*.mail.example.net"}},
-					Fetched: now, Checked: now, Expires: now.Add(7 * 24 * time.Hour)}
+					Policy: p, Fetched: now, Checked: now, Expires: now.Add(p.MaxAge)}
 				if err := store.Put(context.Background(), e); err != nil {
 					tb.Error(err)
 				}

@@ -205,7 +205,8 @@ const storeTimeout = time.Second
 // LoadStore fills the cache from the store at start-up and schedules the
 // refresh of every loaded policy at a random time within the first
 // interval, so that a restart does not make a burst of queries (SPEC 6.5).
-// It returns the number of entries loaded.
+// It may run while the cache serves lookups; a domain already cached is
+// left as it is. It returns the number of entries loaded.
 func (c *Cache) LoadStore(ctx context.Context) (int, error) {
 	if c.cfg.Store == nil {
 		return 0, nil
@@ -216,7 +217,12 @@ func (c *Cache) LoadStore(ctx context.Context) (int, error) {
 		if e.LastUsed.Load() == 0 {
 			e.LastUsed.Store(now.Unix())
 		}
-		c.entries.Add(e.Domain, e)
+		// The daemon serves while the store loads: an entry a lookup or
+		// a discovery has cached meanwhile is as new as the stored one,
+		// or newer, and keeps its place and its refresh.
+		if ok, _ := c.entries.ContainsOrAdd(e.Domain, e); ok {
+			return
+		}
 		c.scheduleAt(e, now.Add(randDuration(c.t().Refresh.Interval)))
 		n++
 	})

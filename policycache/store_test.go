@@ -131,6 +131,44 @@ func TestStoreWriteThroughAndLoad(t *testing.T) {
 	})
 }
 
+// The daemon serves while the store loads: a lookup before the load answers
+// from the store without discovery, and the load then leaves the newer
+// cached entry in place.
+func TestLoadStoreWhileServing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		store := newMemStore()
+		old := policyWithMX("old.example", 24*time.Hour)
+		now := time.Now()
+		store.entries["stored.example"] = &Entry{Domain: "stored.example", ID: "id1", Policy: policyWithMX("stored-mx.example", 24*time.Hour),
+			Reason: ReasonPolicy, Fetched: now, Expires: now.Add(24 * time.Hour)}
+		store.entries["example.com"] = &Entry{Domain: "example.com", ID: "id0", Policy: old,
+			Reason: ReasonPolicy, Fetched: now, Expires: now.Add(24 * time.Hour)}
+		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: policyWithMX("mx.example", 24*time.Hour)}
+		cfg := refreshConfig()
+		cfg.Store = store
+		c := newTestCache(t, src, cfg)
+		if got := lookupMX(t, c, "stored.example"); got != "stored-mx.example" {
+			t.Errorf("before the load: got %q, want the stored policy", got)
+		}
+		if src.lookups.Load() != 0 {
+			t.Errorf("a lookup of a stored domain before the load did a discovery")
+		}
+		// A newer policy than the stored one is cached before the load
+		// reaches it (another MTA of the fleet stored id0 meanwhile).
+		c.commit(t.Context(), &Entry{Domain: "example.com", ID: "id2", Policy: policyWithMX("mx.example", 24*time.Hour),
+			Reason: ReasonPolicy, Fetched: now, Expires: now.Add(24 * time.Hour)})
+		store.entries["example.com"] = &Entry{Domain: "example.com", ID: "id0", Policy: old,
+			Reason: ReasonPolicy, Fetched: now, Expires: now.Add(24 * time.Hour)}
+		n, err := c.LoadStore(t.Context())
+		if err != nil || n != 0 {
+			t.Fatalf("LoadStore: got %d, %v; want 0 entries added (both domains were cached)", n, err)
+		}
+		if got := lookupMX(t, c, "example.com"); got != "mx.example" {
+			t.Errorf("after the load: got %q, want the newer cached policy", got)
+		}
+	})
+}
+
 // A fleet: what one MTA learned, another answers from the shared store, and
 // each domain is refreshed once per interval across both.
 func TestStoreSharedByFleet(t *testing.T) {
