@@ -341,7 +341,7 @@ func serve(ctx context.Context, cfg *config.Config, path string, e *env) int {
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	var ready atomic.Bool // for /healthz: listeners up, store loaded
+	var ready atomic.Bool // for /healthz: listeners up (the store may still be loading)
 	metricsErr := make(chan error, 1)
 	if m != nil {
 		go func() { metricsErr <- metrics.Serve(ctx, cfg.Metrics.Listen, m.Handler(ready.Load), log) }()
