@@ -7,6 +7,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	lru "github.com/hashicorp/golang-lru/v2"
 	"golang.org/x/net/idna"
 )
 
@@ -272,11 +273,21 @@ func checkALabels(host string) error {
 	if !strings.HasPrefix(host, acePrefix) && !strings.Contains(host, "."+acePrefix) {
 		return nil
 	}
+	if _, ok := genuineALabelNames.Get(host); ok {
+		return nil
+	}
 	if a, err := idnaProfile.ToASCII(host); err != nil || a != host {
 		return errInvalidName
 	}
+	genuineALabelNames.Add(strings.Clone(host), struct{}{})
 	return nil
 }
+
+// genuineALabelNames remembers the names with A-labels that checkALabels
+// accepted, since the UTS-46 check costs more than the rest of a cached
+// lookup. Only names that passed are kept, so a stream of bogus keys
+// cannot push the good ones out, and the size bounds it either way.
+var genuineALabelNames, _ = lru.New[string, struct{}](4096)
 
 // normalizeIDN converts a host holding non-ASCII characters (SPEC 2.2). The
 // trailing dot is stripped after the UTS-46 mapping, which also turns

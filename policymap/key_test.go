@@ -148,8 +148,12 @@ var keyTests = []struct {
 func TestNormalizeKey(t *testing.T) {
 	for _, tt := range keyTests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := NormalizeKey(tt.key)
-			checkNormalizeKey(t, tt.key, got, err, tt.want, tt.reason)
+			// Twice: the second answer may come from the memo of
+			// genuine A-label names, and must be the same.
+			for range 2 {
+				got, err := NormalizeKey(tt.key)
+				checkNormalizeKey(t, tt.key, got, err, tt.want, tt.reason)
+			}
 		})
 	}
 }
@@ -214,7 +218,7 @@ func TestIDNAProfile(t *testing.T) {
 
 // TestNormalizeKeyAllocs holds the hot path to its budget: an
 // already-lowercase ASCII key costs nothing, a key that needs lowercasing
-// one allocation.
+// one allocation, an A-label name checked once before nothing.
 func TestNormalizeKeyAllocs(t *testing.T) {
 	tests := []struct {
 		key  string
@@ -228,6 +232,7 @@ func TestNormalizeKeyAllocs(t *testing.T) {
 		{"192.0.2.1", 0},
 		{"a..b", 0},
 		{"Example.COM", 1},
+		{"xn--bcher-kva.example", 0}, // a genuine A-label name seen before
 	}
 	for _, tt := range tests {
 		got := testing.AllocsPerRun(100, func() {
