@@ -4,18 +4,37 @@
 // as netstrings (-pipeline requests in flight per connection, 1 = wait for
 // each reply as Postfix does), checks that every reply is a well-formed
 // netstring with a valid reply word (and, with -expect-prefix, the word
-// expected for the key class), and reports throughput, latency percentiles
-// and, with -pid, the server's CPU time per request.
+// expected for the key class; with -keys, -expect OK or -expect NOTFOUND
+// for every key), and reports throughput, latency percentiles and, with
+// -pid, the server's CPU time per request.
 //
 // With -floor it is instead a minimal responder that answers every request
 // with a fixed reply, to measure the protocol floor.
 //
 //	go run ./bench -floor -addr 127.0.0.1:18461 &
 //	go run ./bench -addr 127.0.0.1:18461 -c 8 -n 200000 -pid PID
+//
+// Three more modes measure stsmap against local fixtures (issue 7), inside
+// a network namespace whose 127.0.0.1:53 and :443 the fixture owns (see
+// BENCHMARKS.md):
+//
+//   - -fixture serves -domains synthetic domains (d000001.bench.test and
+//     on, each with an enforce policy) from the DNS and HTTPS fixtures of
+//     internal/fixture on -dns and -https, writes ca.pem and the key files
+//     keys-hit.txt, keys-parent.txt and keys-ip.txt into -dir, prints
+//     "ready" and serves until SIGINT or SIGTERM.
+//   - -warm sends every key of -keys once (-c at a time) and counts the
+//     replies: the first contact that fills stsmap's cache.
+//   - -cold times, one at a time, stsmap's first-contact lookups of half
+//     the -keys against this tool's own bare round trips (DNS TXT, DNS A,
+//     TCP and TLS to -https-port, HTTP GET) for the other half.
 package main
 
 import (
 	"bufio"
+	"cmp"
+	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -55,6 +74,8 @@ const (
 	classHit
 	classParent
 	classMiss
+	// classNotFound is a key from a file run with -expect NOTFOUND.
+	classNotFound
 )
 
 type request struct {
@@ -119,22 +140,73 @@ func run(args []string, stdout, stderr io.Writer) int {
 	pipeline := fs.Int("pipeline", 1, "requests in flight per connection (1 = wait for each reply)")
 	keysFile := fs.String("keys", "", "file of keys, one per line (instead of -gen)")
 	gen := fs.String("gen", "hits=80,parent=10,miss=10", "generated key mix (percent weights)")
-	domains := fs.Int("domains", 1000, "number of distinct hit domains d<i>.example for -gen")
+	domains := fs.Int("domains", 1000, "number of distinct hit domains d<i>.example for -gen, or of synthetic domains for -fixture")
 	poolSize := fs.Int("pool", 1<<16, "number of pre-generated requests cycled through with -gen")
 	seed := fs.Uint64("seed", 1, "random seed for -gen")
 	mapName := fs.String("map", "postfix", "socketmap name sent with each key")
 	expect := fs.Bool("expect-prefix", false, "check replies per key class: hits \"OK \", parent/miss \"NOTFOUND \"")
+	expectWord := fs.String("expect", "", "with -keys: the reply `word` (OK or NOTFOUND) every key must get; -cold's default is OK")
 	pid := fs.Int("pid", 0, "`PID` of the server, to report its CPU time")
 	timeout := fs.Duration("timeout", 10*time.Second, "I/O timeout per connection")
 	jsonOut := fs.Bool("json", false, "print the result as JSON")
 	floor := fs.Bool("floor", false, "run a fixed-reply netstring responder on -addr instead of a client")
 	floorReply := fs.String("floor-reply", "OK secure match=mx.example.com servername=hostname", "reply payload of -floor")
+	fixtureMode := fs.Bool("fixture", false, "serve -domains synthetic domains over DNS on -dns and HTTPS on -https until killed")
+	dir := fs.String("dir", ".", "-fixture: `directory` for ca.pem and the key files")
+	dnsAddr := fs.String("dns", "127.0.0.1:53", "-fixture: DNS listen address; -cold: the DNS server of the bare round trips")
+	httpsAddr := fs.String("https", "127.0.0.1:443", "-fixture: HTTPS listen address of the policy hosts")
+	pregen := fs.Bool("pregen", true, "-fixture: issue every policy host's certificate before ready")
+	warm := fs.Bool("warm", false, "send every -keys key once, -c at a time, and count the replies")
+	cold := fs.Bool("cold", false, "time stsmap's first-contact lookups against bare DNS+TLS+HTTP round trips, one at a time (-n pairs from -keys)")
+	httpsPort := fs.Int("https-port", 443, "-cold: port of the policy hosts for the bare round trips")
+	caPath := fs.String("ca", "", "-cold: `PEM file` of the CA the policy hosts' certificates chain to (default: the system roots)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "bench: unexpected arguments %q\n", fs.Args())
 		return 2
+	}
+
+	var nSet bool
+	fs.Visit(func(f *flag.Flag) { nSet = nSet || f.Name == "n" })
+	if *expectWord != "" && *expectWord != string(socketmap.WordOK) && *expectWord != string(socketmap.WordNotFound) {
+		fmt.Fprintf(stderr, "bench: -expect %q: want OK or NOTFOUND\n", *expectWord)
+		return 2
+	}
+	if *expectWord != "" && *keysFile == "" {
+		fmt.Fprintln(stderr, "bench: -expect needs -keys (generated keys use -expect-prefix)")
+		return 2
+	}
+
+	switch {
+	case *fixtureMode:
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return runFixture(ctx, fixtureOptions{domains: *domains, dnsAddr: *dnsAddr, httpsAddr: *httpsAddr, dir: *dir, pregen: *pregen}, stdout, stderr)
+	case *warm || *cold:
+		if *keysFile == "" {
+			fmt.Fprintln(stderr, "bench: -warm and -cold need -keys")
+			return 2
+		}
+		keys, err := readKeys(*keysFile)
+		if err != nil {
+			fmt.Fprintf(stderr, "bench: %v\n", err)
+			return 1
+		}
+		if *cold {
+			pairs := len(keys) / 2
+			if nSet {
+				pairs = int(*n)
+			}
+			return runColdMode(coldConfig{
+				addr: *addr, mapName: *mapName, dnsAddr: *dnsAddr, httpsPort: *httpsPort,
+				timeout: *timeout, expect: socketmap.Word(cmp.Or(*expectWord, string(socketmap.WordOK))), maxErrShow: maxErrorsShown,
+			}, keys, pairs, *caPath, *jsonOut, stdout, stderr)
+		}
+		return runWarmMode(config{addr: *addr, conns: *conns, timeout: *timeout, maxErrShow: maxErrorsShown,
+			pool: makePool(*mapName, keys, expectClasses(len(keys), *expectWord)), expect: *expectWord != ""},
+			*jsonOut, stdout, stderr)
 	}
 
 	if *floor {
@@ -162,7 +234,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "bench: %v\n", err)
 			return 1
 		}
-		pool = makePool(*mapName, keys, nil)
+		pool = makePool(*mapName, keys, expectClasses(len(keys), *expectWord))
 	} else {
 		mix, err := parseMix(*gen)
 		if err != nil {
@@ -178,7 +250,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	cfg := config{
 		addr: *addr, conns: *conns, pipeline: *pipeline, mapName: *mapName,
-		expect: *expect, timeout: *timeout, pool: pool, maxErrShow: maxErrorsShown,
+		expect: *expect || *expectWord != "", timeout: *timeout, pool: pool, maxErrShow: maxErrorsShown,
 	}
 	if *dur > 0 {
 		cfg.duration = *dur
@@ -259,6 +331,82 @@ func printResult(w io.Writer, r result) {
 	for _, e := range r.FirstErrs {
 		fmt.Fprintf(w, "error: %s\n", e)
 	}
+}
+
+// expectClasses returns the classes of n keys from a file that must all get
+// the reply word want (OK or NOTFOUND), or nil for "".
+func expectClasses(n int, want string) []int {
+	if want == "" {
+		return nil
+	}
+	class := classHit
+	if want == string(socketmap.WordNotFound) {
+		class = classNotFound
+	}
+	classes := make([]int, n)
+	for i := range classes {
+		classes[i] = class
+	}
+	return classes
+}
+
+// runWarmMode runs -warm.
+func runWarmMode(cfg config, jsonOut bool, stdout, stderr io.Writer) int {
+	if cfg.conns < 1 {
+		fmt.Fprintln(stderr, "bench: -c must be positive")
+		return 2
+	}
+	res := runWarm(cfg)
+	if jsonOut {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(res)
+	} else {
+		printWarm(stdout, res)
+	}
+	if res.Errors > 0 || res.Answered < int64(res.Keys) {
+		return 1
+	}
+	return 0
+}
+
+// runColdMode runs -cold over n pairs of keys: keys[2i] asked of stsmap,
+// keys[2i+1] fetched bare.
+func runColdMode(cfg coldConfig, keys []string, n int, caPath string, jsonOut bool, stdout, stderr io.Writer) int {
+	if n < 1 || 2*n > len(keys) {
+		fmt.Fprintf(stderr, "bench: -cold -n %d needs %d fresh keys, -keys has %d\n", n, 2*n, len(keys))
+		return 2
+	}
+	if caPath != "" {
+		pem, err := os.ReadFile(caPath)
+		if err != nil {
+			fmt.Fprintf(stderr, "bench: -ca: %v\n", err)
+			return 1
+		}
+		cfg.roots = x509.NewCertPool()
+		if !cfg.roots.AppendCertsFromPEM(pem) {
+			fmt.Fprintf(stderr, "bench: -ca %s: no certificate\n", caPath)
+			return 1
+		}
+	}
+	for i := range n {
+		cfg.stsmapKeys = append(cfg.stsmapKeys, keys[2*i])
+		cfg.bareKeys = append(cfg.bareKeys, keys[2*i+1])
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	res := runCold(ctx, cfg)
+	if jsonOut {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(res)
+	} else {
+		printCold(stdout, res)
+	}
+	if res.Errors > 0 || ctx.Err() != nil {
+		return 1
+	}
+	return 0
 }
 
 // network splits "unix:/path" from a TCP "host:port".
@@ -423,6 +571,10 @@ func checkReply(p []byte, class int, expect bool) error {
 	case classParent, classMiss:
 		if word != string(socketmap.WordNotFound) {
 			return fmt.Errorf("parent/miss key: reply %q, want NOTFOUND", trunc(p))
+		}
+	case classNotFound:
+		if word != string(socketmap.WordNotFound) {
+			return fmt.Errorf("key: reply %q, want NOTFOUND", trunc(p))
 		}
 	}
 	return nil
