@@ -48,7 +48,8 @@ const (
 	policyHostPrefix = "mta-sts."
 	policyPath       = "/.well-known/mta-sts.txt"
 	// fetchMaxHeaderBytes bounds the response header; a policy host
-	// has no reason to send more.
+	// has no reason to send more, and a fetch that meets more fails as
+	// too_large.
 	fetchMaxHeaderBytes = 16 << 10
 	// fetchFallbackTimeout bounds a Fetch whose ctx has no deadline, so
 	// a caller's mistake cannot hang a fetch forever (SPEC 4.6: background
@@ -136,7 +137,9 @@ func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, error) {
 	}
 	f.once.Do(f.initClient)
 
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+host+policyPath, nil)
+	// dialTLS finds ctx in the request's context: see fetchCtxKey.
+	reqCtx := context.WithValue(ctx, fetchCtxKey{}, ctx)
+	req, err := http.NewRequestWithContext(reqCtx, http.MethodGet, "https://"+host+policyPath, nil)
 	if err != nil {
 		return nil, newFetchError(fetchClassOther, host, err.Error())
 	}
@@ -177,6 +180,14 @@ func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, error) {
 	}
 	if len(body) > MaxPolicySize {
 		return nil, newFetchError(fetchClassTooLarge, host, fmt.Sprintf("body larger than %d bytes", MaxPolicySize))
+	}
+	// SPEC 4.5, 4.6: a body that ended only once ctx was done may have
+	// been cut short in answer to our own hang-up (when ctx ends, the
+	// Transport closes the connection, sending a TLS close_notify first;
+	// a server may answer it by ending its chunked body before the
+	// socket is closed). It is a timeout, never a policy.
+	if err := ctx.Err(); err != nil {
+		return nil, classifyFetchError(ctx, host, "reading body: ", err)
 	}
 
 	p, err := ParsePolicy(body)
@@ -220,6 +231,17 @@ func (f *Fetcher) initClient() {
 	}
 }
 
+// fetchCtxKey is the request-context key under which Fetch hands its ctx to
+// dialTLS. The Transport dials on a context detached from the request's
+// deadline and cancellation (context.WithoutCancel), so that a connection
+// whose request gave up can serve the next request; with it, a dial
+// abandoned by its fetch would go on without a bound, and a policy host
+// that never finishes the TLS handshake would hold a goroutine and a socket
+// for as long as it likes. A policy connection serves one fetch only
+// (DisableKeepAlives), so dialTLS runs on the fetch's ctx instead (SPEC 4.6:
+// the deadline bounds every step, the dial included).
+type fetchCtxKey struct{}
+
 // fetchStepError marks a failure in dialTLS with its class, so that
 // classifyFetchError can find it through the Transport's wrapping.
 type fetchStepError struct {
@@ -235,6 +257,9 @@ func (e *fetchStepError) Unwrap() error { return e.err }
 // addresses in order until one answers, and completes a TLS handshake
 // verified for that host name (SPEC 4.1, 4.2).
 func (f *Fetcher) dialTLS(ctx context.Context, network, addr string) (net.Conn, error) {
+	if fetchCtx, ok := ctx.Value(fetchCtxKey{}).(context.Context); ok {
+		ctx = fetchCtx // SPEC 4.6; see fetchCtxKey
+	}
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, err
@@ -331,6 +356,12 @@ func classifyFetchError(ctx context.Context, host, prefix string, err error) err
 		return newFetchError(fetchClassOther, host, prefix+"canceled")
 	case isStep:
 		return newFetchError(step.class, host, prefix+step.err.Error())
+	}
+	// net/http tells headers over MaxResponseHeaderBytes only in its
+	// error text. Like a body over the limit (SPEC 4.5), they are a policy
+	// host making us read more than a policy needs.
+	if strings.Contains(cause.Error(), "server response headers exceeded") {
+		return newFetchError(fetchClassTooLarge, host, prefix+fmt.Sprintf("response headers larger than %d bytes", fetchMaxHeaderBytes))
 	}
 	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
 		return newFetchError(fetchClassTimeout, host, prefix+cause.Error())
