@@ -107,11 +107,17 @@ func (d *DNS) LookupTXT(ctx context.Context, name string) ([]string, Answer, err
 	if err != nil {
 		return nil, ans, err
 	}
+	return txtStrings(rrs), ans, nil
+}
+
+// txtStrings returns the data of TXT RRs (as lookup returns them for
+// dns.TypeTXT), each RR's strings joined (SPEC 3.1).
+func txtStrings(rrs []dns.RR) []string {
 	txts := make([]string, 0, len(rrs))
 	for _, rr := range rrs {
 		txts = append(txts, joinTXT(rr.(*dns.TXT).Txt))
 	}
-	return txts, ans, nil
+	return txts
 }
 
 // LookupHost returns the A and AAAA addresses of host, IPv4 first (SPEC
@@ -155,74 +161,113 @@ func (d *DNS) LookupHost(ctx context.Context, host string) ([]netip.Addr, error)
 var errNoData = errors.New("NODATA")
 
 // lookup resolves name and qtype to the RRs of type qtype at the end of the
-// name's CNAME chain (RFC 8461 §3.1: senders MUST follow CNAMEs). The
-// recursive resolver normally returns the chain and its target's records in
-// one answer; only records whose owner is on the chain are used, so records
-// for any other name (a defence against answers for the wrong name) are
-// ignored. A chain that ends in a CNAME whose target has no data in the
-// answer is continued with a query for the target.
+// name's CNAME chain (RFC 8461 §3.1: senders MUST follow CNAMEs), querying
+// the chain's last name until a reply ends it (lookupChain.follow).
+func (d *DNS) lookup(ctx context.Context, name string, qtype uint16) ([]dns.RR, Answer, error) {
+	c, err := newLookupChain(name, qtype)
+	if err != nil {
+		return nil, Answer{}, err
+	}
+	for {
+		reply, err := d.query(ctx, c.cur(), qtype)
+		if err != nil {
+			return nil, Answer{}, err
+		}
+		rrs, ans, more, err := c.follow(reply)
+		if !more {
+			return rrs, ans, err
+		}
+	}
+}
+
+// lookupChain is one lookup's state across its queries: the CNAME chain
+// followed so far and what the replies said of TTL and DNSSEC. It does no
+// I/O, so that the handling of hostile replies can be fuzzed
+// (FuzzDNSReply).
+type lookupChain struct {
+	name  string // as asked, for errors
+	qtype uint16
+	// chain is the query name, then each CNAME target followed, over all
+	// queries of the lookup (maxCNAMESteps bounds it).
+	chain []string
+	// authentic holds while every reply had the AD bit.
+	authentic bool
+	// ttl is the smallest TTL seen so far.
+	ttl uint32
+}
+
+// newLookupChain starts the lookup of name and qtype, or fails with ErrDNS
+// for a name that is not a valid DNS name.
+func newLookupChain(name string, qtype uint16) (*lookupChain, error) {
+	qname := dns.Fqdn(name)
+	if _, ok := dns.IsDomainName(qname); !ok || qname == "." {
+		return nil, fmt.Errorf("%w: %s %s: invalid name", ErrDNS, clipName(name), dns.Type(qtype))
+	}
+	return &lookupChain{name: name, qtype: qtype, chain: []string{qname}, authentic: true, ttl: ^uint32(0)}, nil
+}
+
+// cur is the name to query next: the last name of the chain.
+func (c *lookupChain) cur() string { return c.chain[len(c.chain)-1] }
+
+// follow applies reply, a final answer (NOERROR or NXDOMAIN, see
+// finalRcode) that matched a query for c.cur() (checkReply). The recursive
+// resolver normally returns the chain and its target's records in one
+// answer; only records whose owner is on the chain are used, so records for
+// any other name (a defence against answers for the wrong name) are
+// ignored. It returns the RRs of type qtype at the end of the chain; or an
+// error wrapping ErrNoRecord (NXDOMAIN, NODATA) or ErrDNS (a CNAME loop, a
+// chain longer than maxCNAMESteps, several CNAMEs at one name); or more =
+// true when the chain ends in a CNAME whose target has no data in the
+// reply, which the caller then queries (c.cur() is the target).
 //
 // The Answer's TTL is the smallest TTL of the CNAMEs on the chain and of
 // the RRset returned; for NXDOMAIN and NODATA, of the CNAMEs and the
 // denial's negative TTL (RFC 2308 §5), or 0 when the reply has no SOA to
 // take it from.
-func (d *DNS) lookup(ctx context.Context, name string, qtype uint16) ([]dns.RR, Answer, error) {
-	qname := dns.Fqdn(name)
-	if _, ok := dns.IsDomainName(qname); !ok || qname == "." {
-		return nil, Answer{}, fmt.Errorf("%w: %s %s: invalid name", ErrDNS, clipName(name), dns.Type(qtype))
+func (c *lookupChain) follow(reply *dns.Msg) (rrs []dns.RR, ans Answer, more bool, err error) {
+	queried := c.cur()
+	// Answer.Authentic holds only if every reply that gave part of the
+	// chain or the data had the AD bit (RFC 4035 §3.2.3).
+	c.authentic = c.authentic && reply.AuthenticatedData
+	if reply.Rcode == dns.RcodeNameError {
+		// SPEC 3.4: NXDOMAIN, of the name or of a CNAME target.
+		ans := Answer{Authentic: c.authentic, TTL: ttlDuration(min(c.ttl, negativeTTL(reply)))}
+		return nil, ans, false, fmt.Errorf("%w: %s %s: NXDOMAIN", ErrNoRecord, clipName(queried), dns.Type(c.qtype))
 	}
-	chain := []string{qname}
-	authentic := true
-	ttl := ^uint32(0)
-	cur := qname
 	for {
-		queried := cur
-		reply, err := d.query(ctx, queried, qtype)
+		cur := c.cur()
+		if rrs := answerRRs(reply.Answer, cur, c.qtype); len(rrs) > 0 {
+			for _, rr := range rrs {
+				c.ttl = min(c.ttl, rrTTL(rr.Header().Ttl))
+			}
+			return rrs, Answer{Authentic: c.authentic, TTL: ttlDuration(c.ttl)}, false, nil
+		}
+		target, cnameTTL, err := answerCNAME(reply.Answer, cur)
 		if err != nil {
-			return nil, Answer{}, err
+			return nil, Answer{}, false, fmt.Errorf("%w: %s %s: %v", ErrDNS, clipName(cur), dns.Type(c.qtype), err)
 		}
-		// Answer.Authentic holds only if every reply that gave part of
-		// the chain or the data had the AD bit (RFC 4035 §3.2.3).
-		authentic = authentic && reply.AuthenticatedData
-		if reply.Rcode == dns.RcodeNameError {
-			// SPEC 3.4: NXDOMAIN, of the name or of a CNAME target.
-			ans := Answer{Authentic: authentic, TTL: ttlDuration(min(ttl, negativeTTL(reply)))}
-			return nil, ans, fmt.Errorf("%w: %s %s: NXDOMAIN", ErrNoRecord, clipName(queried), dns.Type(qtype))
+		if target == "" {
+			break
 		}
-		for {
-			if rrs := answerRRs(reply.Answer, cur, qtype); len(rrs) > 0 {
-				for _, rr := range rrs {
-					ttl = min(ttl, rrTTL(rr.Header().Ttl))
-				}
-				return rrs, Answer{Authentic: authentic, TTL: ttlDuration(ttl)}, nil
-			}
-			target, cnameTTL, err := answerCNAME(reply.Answer, cur)
-			if err != nil {
-				return nil, Answer{}, fmt.Errorf("%w: %s %s: %v", ErrDNS, clipName(cur), dns.Type(qtype), err)
-			}
-			if target == "" {
-				break
-			}
-			if len(chain) > maxCNAMESteps {
-				return nil, Answer{}, fmt.Errorf("%w: %s %s: CNAME chain longer than %d", ErrDNS, clipName(name), dns.Type(qtype), maxCNAMESteps)
-			}
-			for _, seen := range chain {
-				if strings.EqualFold(seen, target) {
-					return nil, Answer{}, fmt.Errorf("%w: %s %s: CNAME loop at %s", ErrDNS, clipName(name), dns.Type(qtype), clipName(target))
-				}
-			}
-			chain = append(chain, target)
-			cur = target
-			ttl = min(ttl, cnameTTL)
+		if len(c.chain) > maxCNAMESteps {
+			return nil, Answer{}, false, fmt.Errorf("%w: %s %s: CNAME chain longer than %d", ErrDNS, clipName(c.name), dns.Type(c.qtype), maxCNAMESteps)
 		}
-		if strings.EqualFold(cur, queried) {
-			// SPEC 3.4: NODATA, of the name or of a CNAME target.
-			ans := Answer{Authentic: authentic, TTL: ttlDuration(min(ttl, negativeTTL(reply)))}
-			return nil, ans, fmt.Errorf("%w: %s %s: %w", ErrNoRecord, clipName(cur), dns.Type(qtype), errNoData)
+		for _, seen := range c.chain {
+			if strings.EqualFold(seen, target) {
+				return nil, Answer{}, false, fmt.Errorf("%w: %s %s: CNAME loop at %s", ErrDNS, clipName(c.name), dns.Type(c.qtype), clipName(target))
+			}
 		}
-		// The chain ends in a CNAME whose target has no data here: ask
-		// for the target.
+		c.chain = append(c.chain, target)
+		c.ttl = min(c.ttl, cnameTTL)
 	}
+	if cur := c.cur(); strings.EqualFold(cur, queried) {
+		// SPEC 3.4: NODATA, of the name or of a CNAME target.
+		ans := Answer{Authentic: c.authentic, TTL: ttlDuration(min(c.ttl, negativeTTL(reply)))}
+		return nil, ans, false, fmt.Errorf("%w: %s %s: %w", ErrNoRecord, clipName(cur), dns.Type(c.qtype), errNoData)
+	}
+	// The chain ends in a CNAME whose target has no data here: ask for
+	// the target.
+	return nil, Answer{}, true, nil
 }
 
 // answerRRs returns the RRs of type qtype and class IN owned by owner. RRs
@@ -298,7 +343,7 @@ func (d *DNS) query(ctx context.Context, qname string, qtype uint16) (*dns.Msg, 
 		}
 		reply, err := d.exchange(ctx, server, qname, qtype)
 		if err == nil {
-			if reply.Rcode == dns.RcodeSuccess || reply.Rcode == dns.RcodeNameError {
+			if finalRcode(reply.Rcode) {
 				return reply, nil
 			}
 			err = fmt.Errorf("%w: %s %s: %s from %s", ErrDNS, clipName(qname), dns.Type(qtype), rcodeName(reply.Rcode), server)
@@ -398,14 +443,31 @@ func (d *DNS) exchangeOnce(ctx context.Context, network, server, qname string, q
 		}
 	}
 
-	reply := new(dns.Msg)
-	if err := reply.Unpack(raw); err != nil {
-		return nil, fail("malformed reply over %s from %s", network, server)
-	}
-	if reason := replyMismatch(query, reply); reason != "" {
+	reply, reason := checkReply(query, raw)
+	if reason != "" {
 		return nil, fail("%s over %s from %s", reason, network, server)
 	}
 	return reply, nil
+}
+
+// finalRcode reports whether rcode ends a query: NOERROR or NXDOMAIN. Any
+// other rcode (SERVFAIL, REFUSED, ...) moves on to the next server.
+func finalRcode(rcode int) bool {
+	return rcode == dns.RcodeSuccess || rcode == dns.RcodeNameError
+}
+
+// checkReply unpacks raw, the reply read for query, and checks that it
+// answers query (replyMismatch). It returns the reply, or a short fixed
+// reason why it is not one (never text from raw, SPEC 8.3).
+func checkReply(query *dns.Msg, raw []byte) (*dns.Msg, string) {
+	reply := new(dns.Msg)
+	if err := reply.Unpack(raw); err != nil {
+		return nil, "malformed reply"
+	}
+	if reason := replyMismatch(query, reply); reason != "" {
+		return nil, reason
+	}
+	return reply, ""
 }
 
 // replyMismatch reports why reply does not answer query, or "" when it does:
@@ -420,7 +482,7 @@ func replyMismatch(query, reply *dns.Msg) string {
 		return "reply without the QR bit"
 	case reply.Opcode != dns.OpcodeQuery:
 		return "reply with another opcode"
-	case reply.Rcode != dns.RcodeSuccess && reply.Rcode != dns.RcodeNameError:
+	case !finalRcode(reply.Rcode):
 		return ""
 	}
 	q := query.Question[0]
@@ -448,6 +510,10 @@ func (d *DNS) ioError(ctx context.Context, fail func(string, ...any) error, netw
 	var nerr net.Error
 	if errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &nerr) && nerr.Timeout() || errors.Is(err, context.DeadlineExceeded) {
 		return fail("timeout after %s over %s from %s", d.timeout, network, server)
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		// A bare "EOF" would not say which server closed the connection.
+		return fail("connection closed over %s from %s", network, server)
 	}
 	return fail("%v", err)
 }
