@@ -39,11 +39,8 @@ func (d *Decoder) Next() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cap(d.buf) < n+1 {
-		d.buf = make([]byte, n+1)
-	}
-	buf := d.buf[:n+1]
-	if _, err := io.ReadFull(d.r, buf); err != nil {
+	buf, err := d.readPayload(n + 1)
+	if err != nil {
 		return nil, unexpected(err)
 	}
 	if buf[n] != ',' {
@@ -85,6 +82,31 @@ func (d *Decoder) readLength() (int, error) {
 			return 0, fmt.Errorf("%w: length over %d", ErrMalformed, d.max)
 		}
 	}
+}
+
+// readPayload reads the n bytes after the colon into d.buf. The length
+// was checked against the limit (SPEC 1.1), but a client may still announce
+// the limit and send nothing: the buffer grows with the bytes that arrive,
+// by at most a read buffer or a doubling at a time, never by the declared
+// length alone, so that announcing MaxRequestSize on every connection does
+// not reserve it.
+func (d *Decoder) readPayload(n int) ([]byte, error) {
+	buf := d.buf[:0]
+	for len(buf) < n {
+		if len(buf) == cap(buf) {
+			grown := make([]byte, len(buf), min(n, max(2*len(buf), d.r.Size())))
+			copy(grown, buf)
+			buf = grown
+		}
+		m, err := d.r.Read(buf[len(buf):min(cap(buf), n)])
+		buf = buf[:len(buf)+m]
+		if err != nil {
+			d.buf = buf
+			return nil, err
+		}
+	}
+	d.buf = buf
+	return buf, nil
 }
 
 // buffered reports whether Next can return without reading from the

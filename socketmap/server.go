@@ -240,8 +240,11 @@ func (s *Server) finishConn(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
 	s.mu.Unlock()
-	<-s.slots
+	// Report the end while the slot is still held: a connection waiting
+	// at the limit starts as soon as it is freed, and ConnState must never
+	// count more than MaxConns.
 	s.connState(-1)
+	<-s.slots
 	s.wg.Done()
 }
 
@@ -298,7 +301,7 @@ func (c *conn) serve() {
 		c.rwc.SetReadDeadline(time.Now().Add(idleTimeout))
 		req, err := c.dec.Next()
 		if err != nil {
-			c.readFailed(err)
+			c.fail(err)
 			return
 		}
 		if waiting && !c.state.CompareAndSwap(stateIdle, stateActive) {
@@ -307,11 +310,11 @@ func (c *conn) serve() {
 		// SPEC 1.1: a request is "<name> <key>", split at the first space.
 		i := bytes.IndexByte(req, ' ')
 		if i < 0 {
-			c.readFailed(fmt.Errorf("%w: request without a space: %q", ErrMalformed, prefix(req)))
+			c.fail(fmt.Errorf("%w: request without a space: %q", ErrMalformed, prefix(req)))
 			return
 		}
 		if i == 0 {
-			c.readFailed(fmt.Errorf("%w: request without a map name: %q", ErrMalformed, prefix(req)))
+			c.fail(fmt.Errorf("%w: request without a map name: %q", ErrMalformed, prefix(req)))
 			return
 		}
 		if string(req[:i]) != c.name {
@@ -397,6 +400,14 @@ func (c *conn) setWriteDeadline() {
 // if the connection should close instead: the server is shutting down.
 func (c *conn) setIdle() bool {
 	return c.state.CompareAndSwap(stateActive, stateIdle) && !c.srv.closing.Load()
+}
+
+// fail ends the connection on a read error or a malformed request
+// (SPEC 1.1), after sending the replies still buffered: SPEC 1.2 owes them
+// to the pipelined requests that came before.
+func (c *conn) fail(err error) {
+	c.flush()
+	c.readFailed(err)
 }
 
 func (c *conn) readFailed(err error) {
