@@ -151,15 +151,21 @@ func (d *daemon) ask(t *testing.T, req string) string {
 
 const exampleAnswer = "OK secure match=mx1.example.com:.example.net servername=hostname"
 
-// A restart, for real: SIGKILL right after the answer, then a restart with
+// A restart, for real: SIGKILL right after the policy is stored, then a restart with
 // the domain's DNS and policy host gone, and the policy is still enforced.
 func TestRestartKeepsPolicies(t *testing.T) {
 	w := newTestWorld(t)
 	dir := t.TempDir()
 	storeCfg := fmt.Sprintf("cache:\n  store: bolt\n  path: %q\n", filepath.Join(dir, "policies.db"))
-	d := startDaemon(t, w, dir, storeCfg)
+	d := startDaemon(t, w, dir, storeCfg+"log:\n  level: debug\n")
 	if got := d.ask(t, "postfix example.com"); got != exampleAnswer {
 		t.Fatalf("first answer: got %q, want %q\n%s", got, exampleAnswer, d.logs())
+	}
+	// The store write follows the answer by a moment.
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(d.logs(), `msg="policy stored" domain=example.com`); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the policy was not stored within 10 s:\n%s", d.logs())
+		}
 	}
 	d.kill()
 	w.Stop()

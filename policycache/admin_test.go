@@ -95,6 +95,7 @@ func TestPurgeReportsStoreFailure(t *testing.T) {
 		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: enforcePolicy(time.Hour)}
 		c := newTestCache(t, src, Config{Store: deleteFailingStore{newMemStore()}})
 		c.Lookup(t.Context(), "example.com")
+		synctest.Wait() // the policy is written to the store after the answer
 		cached, err := c.Purge(t.Context(), "example.com")
 		if !cached || !errors.Is(err, ErrStoreUnavailable) {
 			t.Errorf("Purge with a failing store: got %v, %v; want true and the store error", cached, err)

@@ -155,6 +155,10 @@ type Cache struct {
 	mu     sync.Mutex // guards closed and wg.Add against Close
 	closed bool
 	wg     sync.WaitGroup
+
+	// storeLocks order the store writes of one domain (storeLock).
+	storeLocks    [64]sync.Mutex
+	pendingWrites atomic.Int64
 }
 
 // New returns a cache that discovers policies from src.
@@ -262,6 +266,16 @@ func (c *Cache) Lookup(ctx context.Context, domain string) *Entry {
 	return &Entry{Domain: domain, Reason: ReasonPending, Fetched: c.cfg.Now()}
 }
 
+// Prefetch starts the discovery of domain, or joins the one running,
+// unless an unexpired entry is cached; it does not wait. A Lookup that
+// follows joins the discovery (SPEC 4.7: singleflight).
+func (c *Cache) Prefetch(domain string) {
+	if e, ok := c.entries.Peek(domain); ok && c.cfg.Now().Before(e.Expires) {
+		return
+	}
+	c.discoverAsync(domain)
+}
+
 // Peek returns the cached entry for domain, expired or not, without
 // discovery and without touching its recency.
 func (c *Cache) Peek(domain string) (*Entry, bool) {
@@ -304,7 +318,10 @@ func (c *Cache) discoverAsync(domain string) <-chan *Entry {
 				return e, nil
 			}
 			e := c.discover(ctx, domain)
-			c.commit(ctx, e)
+			// The lookups waiting get the entry now; the store write
+			// follows (persistSoon), off the first-contact path.
+			c.cacheEntry(e)
+			c.persistSoon(e)
 			return e, nil
 		})
 		out <- v.(*Entry)
@@ -385,21 +402,51 @@ func (c *Cache) fromStore(ctx context.Context, domain string) *Entry {
 // policy through to the store, and schedules its refresh. A changed entry
 // replaces the old one in one step: readers see the old or the new.
 func (c *Cache) commit(ctx context.Context, e *Entry) {
+	if c.cacheEntry(e) && c.cfg.Store != nil {
+		c.logStoreError(slog.LevelError, "policy store write failed; the policy is cached in memory only", e.Domain, c.persist(ctx, e))
+	}
+}
+
+// cacheEntry is commit without the store write: it caches e unless it
+// expires at once, schedules the refresh of a policy, and reports whether
+// e holds a policy to store.
+func (c *Cache) cacheEntry(e *Entry) bool {
 	if !e.Expires.After(e.learned()) {
-		return
+		return false
 	}
 	if e.LastUsed.Load() == 0 {
 		e.LastUsed.Store(c.cfg.Now().Unix())
 	}
 	c.entries.Add(e.Domain, e)
 	if e.Policy == nil {
-		return
+		return false
 	}
 	c.scheduleAt(e, c.nextCheck(e, c.cfg.Now()))
-	if c.cfg.Store != nil {
-		c.logStoreError(slog.LevelError, "policy store write failed; the policy is cached in memory only", e.Domain, c.storePut(ctx, e))
-	}
+	return true
 }
+
+// persistSoon stores a policy a discovery has just cached, in the
+// background: the lookup waiting for it is answered without waiting for
+// the store (a bbolt commit costs two fsyncs, several times a whole
+// discovery over a fast network). Close waits for the write, so a clean
+// shutdown loses nothing (SPEC 8.1); a crash in between loses only that
+// policy, which the next lookup discovers again. The caller must hold a
+// count of c.wg, as discoverAsync's goroutine does, so that Close cannot
+// have returned.
+func (c *Cache) persistSoon(e *Entry) {
+	if e.Policy == nil || c.cfg.Store == nil {
+		return
+	}
+	c.pendingWrites.Add(1)
+	c.wg.Go(func() {
+		defer c.pendingWrites.Add(-1)
+		c.logStoreError(slog.LevelError, "policy store write failed; the policy is cached in memory only", e.Domain, c.persist(c.base, e))
+	})
+}
+
+// PendingWrites is the number of learned policies not yet written to the
+// store.
+func (c *Cache) PendingWrites() int64 { return c.pendingWrites.Load() }
 
 // learned is when the entry was last confirmed: fetched or renewed.
 func (e *Entry) learned() time.Time {

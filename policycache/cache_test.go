@@ -300,3 +300,30 @@ func BenchmarkLookupHit(b *testing.B) {
 		}
 	}
 }
+
+// Prefetch starts a discovery without waiting; a Lookup that follows joins
+// it, and a cached domain is not discovered again (SPEC 4.7, 6.1).
+func TestPrefetch(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		hold := make(chan struct{})
+		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: enforcePolicy(time.Hour), hold: hold}
+		c := newTestCache(t, src, Config{})
+		c.Prefetch("example.com")
+		synctest.Wait()
+		if got := src.fetches.Load(); got != 1 {
+			t.Fatalf("fetches after Prefetch: got %d, want 1 (started, held)", got)
+		}
+		done := make(chan *Entry)
+		go func() { done <- c.Lookup(context.Background(), "example.com") }()
+		synctest.Wait()
+		close(hold)
+		if e := <-done; e.Policy == nil {
+			t.Errorf("Lookup after Prefetch: got %+v, want the policy", e)
+		}
+		c.Prefetch("example.com")
+		synctest.Wait()
+		if got, want := [2]int32{src.lookups.Load(), src.fetches.Load()}, [2]int32{1, 1}; got != want {
+			t.Errorf("TXT lookups and fetches: got %v, want %v (one discovery, joined, then cached)", got, want)
+		}
+	})
+}

@@ -215,7 +215,7 @@ func (c *Cache) refreshFailed(ctx context.Context, old *Entry, failedID string, 
 	}
 	c.entries.Add(n.Domain, n)
 	if c.cfg.Store != nil {
-		c.storePut(ctx, n) // the failure state is advisory: counted, not logged
+		c.persist(ctx, n) // the failure state is advisory: counted, not logged
 	}
 	c.scheduleAt(n, now.Add(FailureBackoff+randDuration(FailureBackoff/10)))
 	c.cfg.Observer.Refresh(RefreshFailed)

@@ -105,6 +105,13 @@ func TestStoreWriteThroughAndLoad(t *testing.T) {
 		cfg.Store = store
 		c := newTestCache(t, src, cfg)
 		lookupMX(t, c, "example.com")
+		if n := c.PendingWrites(); n != 1 && store.get("example.com") == nil {
+			t.Errorf("right after the answer: %d writes pending and nothing stored, want the write pending or done", n)
+		}
+		synctest.Wait() // the write follows the answer
+		if n := c.PendingWrites(); n != 0 {
+			t.Errorf("pending writes once idle: got %d, want 0", n)
+		}
 		if e := store.get("example.com"); e == nil || e.ID != "id1" || e.Policy.MX[0] != "mx.example" {
 			t.Fatalf("stored entry: got %+v, want the learned policy", e)
 		}
@@ -181,6 +188,7 @@ func TestStoreSharedByFleet(t *testing.T) {
 		a := newTestCache(t, srcA, cfg)
 		b := newTestCache(t, srcB, cfg)
 		lookupMX(t, a, "example.com")
+		synctest.Wait() // a's store write follows its answer
 		if got := lookupMX(t, b, "example.com"); got != "mx.example" {
 			t.Fatalf("second MTA: got %q, want the policy the first learned", got)
 		}
@@ -225,4 +233,89 @@ func TestStoreDownDoesNotBlock(t *testing.T) {
 			t.Errorf("refreshes with the store down: got %d TXT lookups, want the cache to refresh itself", got)
 		}
 	})
+}
+
+// A discovery's store write follows its answer; the writes of one domain
+// are ordered so that the store ends with what is cached: a write whose
+// entry was replaced meanwhile is skipped, and a purge is never undone by
+// a write that was still pending.
+func TestStoreWriteOrder(t *testing.T) {
+	newPolicy := func(mx string) *Entry {
+		now := time.Now()
+		return &Entry{Domain: "example.com", ID: mx, Policy: policyWithMX(mx, time.Hour), Reason: ReasonPolicy,
+			Fetched: now, Expires: now.Add(time.Hour)}
+	}
+	t.Run("replaced before its write", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			store := newMemStore()
+			src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: policyWithMX("mx1.example", time.Hour)}
+			c := newTestCache(t, src, Config{Store: store})
+			mu := c.storeLock("example.com")
+			mu.Lock() // hold the discovery's write back
+			if got := lookupMX(t, c, "example.com"); got != "mx1.example" {
+				t.Fatalf("lookup: got %q", got)
+			}
+			newer := newPolicy("mx2.example")
+			c.cacheEntry(newer) // a refresh replaces it in memory
+			mu.Unlock()
+			synctest.Wait()
+			if e := store.get("example.com"); e != nil {
+				t.Errorf("store after a replaced entry's write: got %q, want nothing (the replacement writes)", e.Policy.MX[0])
+			}
+			if err := c.persist(t.Context(), newer); err != nil {
+				t.Fatal(err)
+			}
+			if e := store.get("example.com"); e == nil || e.Policy.MX[0] != "mx2.example" {
+				t.Errorf("store after the replacement's write: got %+v, want mx2.example", e)
+			}
+		})
+	})
+	t.Run("purged while its write runs", func(t *testing.T) {
+		// Real time, not a synctest bubble: a goroutine waiting on a
+		// mutex is not durably blocked, so synctest.Wait would hang.
+		store := &blockingPutStore{memStore: newMemStore(), release: make(chan struct{}), putting: make(chan struct{}, 1)}
+		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: policyWithMX("mx1.example", time.Hour)}
+		c := newTestCache(t, src, Config{Store: store})
+		lookupMX(t, c, "example.com")
+		<-store.putting // the write is inside Put, holding the domain's store lock
+		purged := make(chan error)
+		go func() {
+			_, err := c.Purge(context.Background(), "example.com")
+			purged <- err
+		}()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+			if _, ok := c.Peek("example.com"); !ok {
+				break // Purge has removed it from memory; its store delete comes next
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("Purge did not remove the entry from memory")
+			}
+		}
+		time.Sleep(20 * time.Millisecond) // let the delete reach the lock (it passes either way if not)
+		close(store.release)
+		if err := <-purged; err != nil {
+			t.Fatal(err)
+		}
+		c.Close() // waits for the write
+		if e := store.get("example.com"); e != nil {
+			t.Errorf("store after a purge that raced a write: got %q, want nothing", e.Policy.MX[0])
+		}
+	})
+}
+
+// blockingPutStore is a memStore whose Put says so on putting, then waits
+// for release.
+type blockingPutStore struct {
+	*memStore
+	release chan struct{}
+	putting chan struct{}
+}
+
+func (s *blockingPutStore) Put(ctx context.Context, e *Entry) error {
+	select {
+	case s.putting <- struct{}{}:
+	default:
+	}
+	<-s.release
+	return s.memStore.Put(ctx, e)
 }

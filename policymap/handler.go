@@ -173,10 +173,25 @@ func (h *Handler) daneLevel(ctx context.Context, hop Nexthop) dane.Level {
 			return daneResult(lvl, err)
 		}
 	}
+	// A DANE check that waits on DNS is a first contact, or nearly: the
+	// MTA-STS discovery the lookup needs next, unless DANE takes
+	// precedence, starts now and runs alongside, so the two cost one wait
+	// rather than two.
+	if p, ok := h.Cache.(prefetcher); ok {
+		p.Prefetch(hop.Domain)
+	}
 	ctx, cancel := context.WithTimeout(ctx, cmp.Or(h.DANETimeout, 5*time.Second))
 	defer cancel()
 	return daneResult(h.DANE.Check(ctx, hop.Domain, hop.Port, hop.Bracketed))
 }
+
+// prefetcher is implemented by a Lookuper that can start a discovery
+// without waiting for it, as policycache.Cache does.
+type prefetcher interface {
+	Prefetch(domain string)
+}
+
+var _ prefetcher = (*policycache.Cache)(nil)
 
 // daneResult is the level of a DANE check that returned lvl and err: Temp
 // only for a failed TLSA lookup, None for a check that did not finish.

@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"stsmap/dane"
+	"stsmap/internal/fixture"
 	"stsmap/policycache"
 	"stsmap/resolver"
 	"stsmap/socketmap"
@@ -90,4 +92,46 @@ func TestParseKey(t *testing.T) {
 	if _, err := ParseKey("[mail.example.com]:x"); SkipReason(err) != "invalid_name" {
 		t.Errorf("ParseKey with a bad port: got %v, want invalid_name", err)
 	}
+}
+
+// slowSource is a policycache.Source whose discovery takes delay.
+type slowSource struct {
+	delay time.Duration
+	mx    string
+}
+
+func (s slowSource) LookupRecord(ctx context.Context, domain string) (resolver.Record, error) {
+	time.Sleep(s.delay)
+	return resolver.Record{ID: "1"}, nil
+}
+
+func (s slowSource) FetchPolicy(ctx context.Context, domain string) (*resolver.Policy, error) {
+	return &resolver.Policy{Mode: resolver.ModeEnforce, MaxAge: time.Hour, MX: []string{s.mx}}, nil
+}
+
+// slowDANE is a DANE checker whose check takes delay and finds no DANE.
+type slowDANE struct{ delay time.Duration }
+
+func (d slowDANE) Check(ctx context.Context, nexthop string, port int, host bool) (dane.Level, error) {
+	time.Sleep(d.delay)
+	return dane.None, nil
+}
+
+// On first contact the DANE check and the MTA-STS discovery run at once:
+// the lookup takes the longer of the two, not their sum.
+func TestHandlerFirstContactInParallel(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const delay = 300 * time.Millisecond
+		cache := policycache.New(slowSource{delay: delay, mx: "mx.example.com"}, policycache.Config{Logger: fixture.QuietLogger()})
+		defer cache.Close()
+		h := &Handler{Cache: cache, DANE: slowDANE{delay: delay}, Settings: func(string) Settings { return Settings{} }}
+		start := time.Now()
+		got := h.ServeSocketmap(t.Context(), "postfix", "example.com")
+		if want := socketmap.OK("secure match=mx.example.com"); got != want {
+			t.Fatalf("got %+v, want %+v", got, want)
+		}
+		if took := time.Since(start); took != delay {
+			t.Errorf("first contact took %v (fake time), want %v: the DANE check and the discovery ran one after the other", took, delay)
+		}
+	})
 }
