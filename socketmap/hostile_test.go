@@ -263,8 +263,12 @@ func TestHostileConnectionFlood(t *testing.T) {
 			if !poll(10*time.Second, func() bool { return g.open.Load() == maxConns }) {
 				t.Errorf("%d connections served during the flood, want MaxConns (%d)", g.open.Load(), maxConns)
 			}
-			answersDuringFlood := a.answers.Load()
 			goroutinesDuring := runtime.NumGoroutine()
+			// The established client is served while the flood holds
+			// every slot (its asker may not even have run yet on a busy
+			// machine: wait for an answer, with the flood still open).
+			poll(10*time.Second, func() bool { return a.answers.Load() > 0 })
+			answersDuringFlood := a.answers.Load()
 			t.Logf("%s: %d connections tried in %v: %d established, %d refused with EAGAIN (slowest %v), %d timed out, %d failed; served at once: %d, at most %d (MaxConns %d); goroutines: %d before, %d during",
 				network, floodConns, dialed.Round(time.Millisecond), established, refused.Load(),
 				time.Duration(slowestRefusal.Load()).Round(time.Microsecond), timedOut.Load(), failed.Load(),
@@ -304,6 +308,7 @@ func TestHostileConnectionFlood(t *testing.T) {
 
 			// The established client was served during the flood, and is
 			// served after it.
+			poll(10*time.Second, func() bool { return a.answers.Load() > answersDuringFlood })
 			if answers := a.stop(t); answersDuringFlood == 0 || answers == answersDuringFlood {
 				t.Errorf("established client answered %d times during the flood and %d in all, want answers all through", answersDuringFlood, answers)
 			}

@@ -35,8 +35,8 @@ type Server struct {
 	Logger         *slog.Logger  // nil: slog.Default()
 	MaxRequestSize int           // largest request payload (SPEC 1.1)
 	MaxReplySize   int           // an encoded reply must be shorter (SPEC 1.4)
-	IdleTimeout    time.Duration // wait for the next request on a connection
-	WriteTimeout   time.Duration // bound on writing replies
+	IdleTimeout    time.Duration // wait for the next request on a connection (up to an eighth longer)
+	WriteTimeout   time.Duration // bound on writing replies (up to an eighth longer)
 	MaxConns       int           // open connections at most, over all listeners
 	// ConnState, when set, is called with +1 when a connection starts
 	// being served and with -1 when it ends, for metrics. It must not
@@ -274,6 +274,8 @@ type conn struct {
 	out    []byte // the encoded reply
 	name   string // the last map name, reused while it repeats
 	state  atomic.Int32
+	// The deadlines set on rwc (extendDeadline).
+	readDeadline, writeDeadline time.Time
 }
 
 func (s *Server) newConn(rwc net.Conn) *conn {
@@ -295,10 +297,12 @@ func (c *conn) serve() {
 		// SPEC 1.2: answer pipelined requests in order, with their replies
 		// gathered into one write; flush before every wait for input.
 		waiting := !c.dec.buffered()
-		if waiting && (!c.flush() || !c.setIdle()) {
-			return
+		if waiting {
+			if !c.flush() || !c.setIdle() {
+				return
+			}
+			extendDeadline(&c.readDeadline, idleTimeout, c.rwc.SetReadDeadline)
 		}
-		c.rwc.SetReadDeadline(time.Now().Add(idleTimeout))
 		req, err := c.dec.Next()
 		if err != nil {
 			c.fail(err)
@@ -393,7 +397,23 @@ func (c *conn) flush() bool {
 }
 
 func (c *conn) setWriteDeadline() {
-	c.rwc.SetWriteDeadline(time.Now().Add(positive(c.srv.WriteTimeout, DefaultWriteTimeout)))
+	extendDeadline(&c.writeDeadline, positive(c.srv.WriteTimeout, DefaultWriteTimeout), c.rwc.SetWriteDeadline)
+}
+
+// extendDeadline makes the deadline *d at least timeout away. A deadline
+// nearer than that moves to timeout plus an eighth, so that it is set once
+// per eighth of its timeout at most, not once per request: setting one
+// updates a runtime timer, which costs as much as the rest of a cached
+// lookup. A connection idle (or a write blocked) for timeout thus ends
+// after between timeout and 9/8 of it. A read or write that needs no wait
+// (a request already buffered) sets nothing.
+func extendDeadline(d *time.Time, timeout time.Duration, set func(time.Time) error) {
+	now := time.Now()
+	if d.Sub(now) >= timeout {
+		return
+	}
+	*d = now.Add(timeout + timeout/8)
+	set(*d)
 }
 
 // setIdle marks the connection as waiting for a request. It returns false
