@@ -2,6 +2,7 @@ package policymap
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -186,5 +187,18 @@ func TestAnswerMemo(t *testing.T) {
 	check("rpt", "example.org", socketmap.OK(want2))
 	if h.answers.Len() > 2 {
 		t.Errorf("answer cache holds %d answers, want at most 2", h.answers.Len())
+	}
+	// A huge answer is rendered each time, not kept.
+	var mx []string
+	for i := range 1000 {
+		mx = append(mx, fmt.Sprintf("mx%d.example.com", i))
+	}
+	huge := &resolver.Policy{Mode: resolver.ModeEnforce, MX: mx}
+	cache["huge.example"] = &policycache.Entry{Domain: "huge.example", Reason: policycache.ReasonPolicy, Policy: huge}
+	wantHuge, _ := Answer("huge.example", huge, settings["plain"])
+	h.answers.Purge()
+	check("plain", "huge.example", socketmap.OK(wantHuge))
+	if n := h.answers.Len(); len(wantHuge) <= maxMemoAnswer || n != 0 {
+		t.Errorf("answer of %d bytes: %d answers kept, want none kept (limit %d)", len(wantHuge), n, maxMemoAnswer)
 	}
 }

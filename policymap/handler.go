@@ -96,12 +96,21 @@ func (h *Handler) answer(domain string, p *resolver.Policy, s Settings) (string,
 		return a.text, a.ok
 	}
 	text, ok := Answer(domain, p, s)
+	if len(text) > maxMemoAnswer {
+		return text, ok
+	}
 	// The domain may be part of the socketmap request, which the key
 	// must not keep alive.
 	k.domain = strings.Clone(domain)
 	h.answers.Add(k, answerText{text: text, ok: ok})
 	return text, ok
 }
+
+// maxMemoAnswer is the longest answer kept rendered. A policy of 64 KiB
+// renders an answer near Postfix's 100000-byte limit; memoizing such
+// answers would let a few domains with huge policies hold AnswerCacheSize
+// times that. Real answers are a few hundred bytes.
+const maxMemoAnswer = 4096
 
 // What a lookup was answered, for Handler.Observe.
 const (
