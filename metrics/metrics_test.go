@@ -51,6 +51,10 @@ func (f fakeSource) FetchPolicy(ctx context.Context, domain string) (*resolver.P
 }
 
 // fakeDANE answers a fixed level per next hop, dane.None for the others.
+// fakeDANE answers every level from its cache, as dane.Checker does once a
+// domain is known: the handler then starts no MTA-STS discovery alongside a
+// DANE check (policymap's Prefetch), which would make the cache counts of
+// this test depend on goroutine scheduling.
 type fakeDANE map[string]dane.Level
 
 func (f fakeDANE) Check(ctx context.Context, nexthop string, port int, host bool) (dane.Level, error) {
@@ -58,6 +62,11 @@ func (f fakeDANE) Check(ctx context.Context, nexthop string, port int, host bool
 		return dane.Temp, dane.ErrTLSALookup
 	}
 	return f[nexthop], nil
+}
+
+func (f fakeDANE) Cached(nexthop string, port int, host bool) (dane.Level, bool, error) {
+	lvl, err := f.Check(context.Background(), nexthop, port, host)
+	return lvl, true, err
 }
 
 func policyOf(mode resolver.Mode) *resolver.Policy {

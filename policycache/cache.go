@@ -312,6 +312,13 @@ func (c *Cache) discoverAsync(domain string) <-chan *Entry {
 	go func() {
 		defer c.wg.Done()
 		v, _, _ := c.group.Do(domain, func() (any, error) {
+			// A discovery of domain that ended after the caller's cache
+			// miss but before this one joined it has cached its entry:
+			// use it rather than discover again (Prefetch and Lookup
+			// of one first contact may come this close).
+			if e, ok := c.entries.Peek(domain); ok && c.cfg.Now().Before(e.Expires) {
+				return e, nil
+			}
 			ctx, cancel := context.WithTimeout(c.base, c.t().FetchTimeout)
 			defer cancel()
 			if e := c.fromStore(ctx, domain); e != nil {
