@@ -139,6 +139,9 @@ type entry struct {
 	// refreshing is set by the check that starts the background refresh,
 	// so that one refresh runs at a time per entry.
 	refreshing atomic.Bool
+	// used is when a check last moved the entry to the front of the LRU
+	// list, in Unix seconds (see cached).
+	used atomic.Int64
 }
 
 func (e *entry) result() (Level, error) { return e.level, e.err }
@@ -246,13 +249,20 @@ func newQuery(nexthop string, port int, host bool) query {
 // cached returns q's cached, unexpired result, refreshing it in the
 // background in the last quarter of its lifetime.
 func (c *Checker) cached(q query) (Level, bool, error) {
-	e, ok := c.entries.Get(q)
+	// Peek, and Get (which moves the entry to the front of the LRU list
+	// under the write lock) at most once a minute per entry: per check it
+	// cost more than the rest of a cached lookup.
+	e, ok := c.entries.Peek(q)
 	if !ok {
 		return None, false, nil
 	}
 	now := c.cfg.Now()
 	if !now.Before(e.expires) {
 		return None, false, nil
+	}
+	if t := now.Unix(); t-e.used.Load() >= 60 {
+		e.used.Store(t)
+		c.entries.Get(q)
 	}
 	if !now.Before(e.refreshAt) && e.refreshing.CompareAndSwap(false, true) {
 		c.run(q)

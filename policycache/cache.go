@@ -93,6 +93,11 @@ type Entry struct {
 	// LastUsed is when Postfix last asked for the domain, in Unix seconds
 	// (refresh.idle_after); updated in place, hence atomic.
 	LastUsed atomic.Int64
+	// Memo is the cache user's to keep what it derives from this entry
+	// (policymap keeps the answers rendered from the policy), so that it
+	// goes with the entry: a changed entry is a new one, with an empty
+	// Memo. Every value stored in it must be of one type.
+	Memo atomic.Value
 }
 
 // clone returns a copy of e for a change: entries are never modified once
@@ -243,10 +248,17 @@ func (c *Cache) LoadStore(ctx context.Context) (int, error) {
 // is first; then it returns an entry with ReasonPending while the discovery
 // goes on in the background.
 func (c *Cache) Lookup(ctx context.Context, domain string) *Entry {
-	if e, ok := c.entries.Get(domain); ok {
+	// Peek, not Get: Get moves the entry to the front of the LRU list
+	// under the cache's write lock, which per lookup cost more than the
+	// rest of a cached answer. touch reports when LastUsed moves, once a
+	// minute at most, and only then does Get move it: the LRU order is
+	// right to the minute (SPEC 6.1: the hot path).
+	if e, ok := c.entries.Peek(domain); ok {
 		now := c.cfg.Now()
 		if now.Before(e.Expires) {
-			e.touch(now)
+			if e.touch(now) {
+				c.entries.Get(domain)
+			}
 			c.cfg.Observer.CacheHit()
 			return e
 		}
@@ -464,11 +476,13 @@ func (e *Entry) learned() time.Time {
 }
 
 // touch records a lookup, at most once a minute per entry so that a busy
-// domain does not contend on one word.
-func (e *Entry) touch(now time.Time) {
+// domain does not contend on one word; it reports whether it did.
+func (e *Entry) touch(now time.Time) bool {
 	if t := now.Unix(); t-e.LastUsed.Load() >= 60 {
 		e.LastUsed.Store(t)
+		return true
 	}
+	return false
 }
 
 // maxErrLen bounds error text kept in entries and logs (SPEC 8.3).

@@ -231,10 +231,14 @@ func TestConcurrentLookupsShareOneDiscovery(t *testing.T) {
 	})
 }
 
+// Recency is kept to the minute: a hit moves its entry to the front of the
+// LRU list once a minute at most (Lookup).
 func TestLRUEvictsLeastRecentlyUsed(t *testing.T) {
 	src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: enforcePolicy(time.Hour)}
-	c := newTestCache(t, src, Config{Size: 2})
+	now := time.Now()
+	c := newTestCache(t, src, Config{Size: 2, Now: func() time.Time { return now }})
 	for _, d := range []string{"a.example", "b.example", "a.example", "c.example"} {
+		now = now.Add(61 * time.Second)
 		c.Lookup(t.Context(), d)
 	}
 	if _, ok := c.Peek("b.example"); ok {

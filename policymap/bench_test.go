@@ -161,7 +161,7 @@ func TestAnswerMemo(t *testing.T) {
 	testing1 := &resolver.Policy{Mode: resolver.ModeTesting, MX: []string{"mx1.example.com"}}
 	cache := fakeCache{"example.com": {Domain: "example.com", Reason: policycache.ReasonPolicy, Policy: p1}}
 	settings := map[string]Settings{"plain": {}, "sni": {Servername: true}, "strict": {StrictTesting: true}}
-	h := &Handler{Cache: cache, Settings: func(name string) Settings { return settings[name] }, AnswerCacheSize: 2}
+	h := &Handler{Cache: cache, Settings: func(name string) Settings { return settings[name] }}
 	check := func(name, key string, want socketmap.Reply) {
 		t.Helper()
 		for range 2 { // a miss, then a hit
@@ -185,8 +185,15 @@ func TestAnswerMemo(t *testing.T) {
 	cache["example.com"] = &policycache.Entry{Domain: "example.com", Reason: policycache.ReasonPolicy, Policy: p1}
 	check("rpt", "example.com", socketmap.OK(want1))
 	check("rpt", "example.org", socketmap.OK(want2))
-	if h.answers.Len() > 2 {
-		t.Errorf("answer cache holds %d answers, want at most 2", h.answers.Len())
+	// Five settings in turn: the entry keeps the answers of the last
+	// maxMemoSettings.
+	for i := range 5 {
+		settings[fmt.Sprint(i)] = Settings{Servername: i%2 == 0, TLSRPT: i >= 2, StrictTesting: i >= 4}
+		want, _ := Answer("example.com", p1, settings[fmt.Sprint(i)])
+		check(fmt.Sprint(i), "example.com", socketmap.OK(want))
+	}
+	if m := cache["example.com"].Memo.Load().(*answerMemo); m.n != maxMemoSettings {
+		t.Errorf("answers kept for %d settings, want %d", m.n, maxMemoSettings)
 	}
 	// A huge answer is rendered each time, not kept.
 	var mx []string
@@ -196,9 +203,8 @@ func TestAnswerMemo(t *testing.T) {
 	huge := &resolver.Policy{Mode: resolver.ModeEnforce, MX: mx}
 	cache["huge.example"] = &policycache.Entry{Domain: "huge.example", Reason: policycache.ReasonPolicy, Policy: huge}
 	wantHuge, _ := Answer("huge.example", huge, settings["plain"])
-	h.answers.Purge()
 	check("plain", "huge.example", socketmap.OK(wantHuge))
-	if n := h.answers.Len(); len(wantHuge) <= maxMemoAnswer || n != 0 {
-		t.Errorf("answer of %d bytes: %d answers kept, want none kept (limit %d)", len(wantHuge), n, maxMemoAnswer)
+	if m := cache["huge.example"].Memo.Load(); len(wantHuge) <= maxMemoAnswer || m != nil {
+		t.Errorf("answer of %d bytes: memo %v, want none kept (limit %d)", len(wantHuge), m, maxMemoAnswer)
 	}
 }

@@ -6,10 +6,8 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
-	"sync"
 	"time"
 
-	lru "github.com/hashicorp/golang-lru/v2"
 
 	"stsmap/dane"
 	"stsmap/policycache"
@@ -55,61 +53,64 @@ type Handler struct {
 	// answered (one of the Answer* constants) and how long it took, for
 	// metrics. It must not block.
 	Observe func(answer string, elapsed time.Duration)
-	// AnswerCacheSize bounds the answers kept rendered, so that a lookup
-	// of a cached policy does not render it again (0: 10000).
-	AnswerCacheSize int
-
-	answersOnce sync.Once
-	answers     *lru.Cache[answerKey, answerText]
 }
 
-// answerKey identifies a rendered answer. A cached policy is immutable and
-// a changed one is a new *resolver.Policy, so the pointer stands for the
-// policy's content; a stale pointer only costs memory until evicted.
-type answerKey struct {
-	p      *resolver.Policy
+// answerMemo holds the answers rendered from one cache entry, for the last
+// few map settings asked (one for most sites: every map name shares the
+// settings of "*"). It lives in the entry's Memo and goes with it; a
+// changed policy is a new entry with no memo. It is immutable once stored.
+type answerMemo struct {
+	slots [maxMemoSettings]answerSlot
+	n     int
+}
+
+type answerSlot struct {
 	s      Settings
 	domain string
+	text   string
+	ok     bool
 }
 
-// answerText is Answer's result.
-type answerText struct {
-	text string
-	ok   bool
-}
+// maxMemoSettings bounds the settings an entry keeps answers for.
+const maxMemoSettings = 4
 
-// defaultAnswerCacheSize is AnswerCacheSize's default: the busy domains
-// of a large site, at some hundred bytes each (more with TLSRPT).
-const defaultAnswerCacheSize = 10000
-
-// answer is Answer, memoized: for a policy seen before it does not
+// answer is Answer, memoized in the cache entry: for a policy answered
+// before under the same settings it costs an atomic load and does not
 // allocate.
-func (h *Handler) answer(domain string, p *resolver.Policy, s Settings) (string, bool) {
-	if p == nil {
+func (h *Handler) answer(domain string, e *policycache.Entry, s Settings) (string, bool) {
+	if e.Policy == nil {
 		return "", false
 	}
-	h.answersOnce.Do(func() {
-		h.answers, _ = lru.New[answerKey, answerText](cmp.Or(max(h.AnswerCacheSize, 0), defaultAnswerCacheSize))
-	})
-	k := answerKey{p: p, s: s, domain: domain}
-	if a, ok := h.answers.Get(k); ok {
-		return a.text, a.ok
+	m, _ := e.Memo.Load().(*answerMemo)
+	if m != nil {
+		for i := range m.n {
+			if a := &m.slots[i]; a.s == s && a.domain == domain {
+				return a.text, a.ok
+			}
+		}
 	}
-	text, ok := Answer(domain, p, s)
+	text, ok := Answer(domain, e.Policy, s)
 	if len(text) > maxMemoAnswer {
 		return text, ok
 	}
-	// The domain may be part of the socketmap request, which the key
+	// Keep the newest settings first; two lookups storing at once lose
+	// one answer, which is rendered again next time.
+	n := &answerMemo{}
+	// The domain may be part of the socketmap request, which the memo
 	// must not keep alive.
-	k.domain = strings.Clone(domain)
-	h.answers.Add(k, answerText{text: text, ok: ok})
+	n.slots[0] = answerSlot{s: s, domain: strings.Clone(domain), text: text, ok: ok}
+	n.n = 1
+	if m != nil {
+		n.n += copy(n.slots[1:], m.slots[:m.n])
+	}
+	e.Memo.Store(n)
 	return text, ok
 }
 
 // maxMemoAnswer is the longest answer kept rendered. A policy of 64 KiB
-// renders an answer near Postfix's 100000-byte limit; memoizing such
-// answers would let a few domains with huge policies hold AnswerCacheSize
-// times that. Real answers are a few hundred bytes.
+// renders an answer near Postfix's 100000-byte limit; keeping such answers
+// would double what a remote party can make every cached entry hold. Real
+// answers are a few hundred bytes.
 const maxMemoAnswer = 4096
 
 // What a lookup was answered, for Handler.Observe.
@@ -157,7 +158,7 @@ func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply,
 		return socketmap.Temp("DANE TLSA lookup failed"), AnswerTemp
 	}
 	e := h.Cache.Lookup(ctx, domain)
-	text, ok := h.answer(domain, e.Policy, h.Settings(name))
+	text, ok := h.answer(domain, e, h.Settings(name))
 	switch {
 	case ok && e.Policy.Mode == resolver.ModeTesting:
 		return socketmap.OK(text), AnswerTesting
