@@ -177,14 +177,16 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 		c.cfg.Observer.Refresh(RefreshKept)
 		return old
 	}
-	if old.FailedID == "" && !old.FailedAt.IsZero() && now.Sub(old.FailedAt) < FailureBackoff {
+	// SPEC 4.7: no second fetch of this id within the back-off; a failed
+	// TXT lookup (FailedID "") is no failed fetch and delays nothing.
+	if old.FailedID == old.ID && now.Sub(old.FailedAt) < FailureBackoff {
 		c.scheduleAt(old, old.FailedAt.Add(FailureBackoff))
 		c.cfg.Observer.Refresh(RefreshBackoff)
 		return old
 	}
 	p, ferr := c.src.FetchPolicy(ctx, domain)
 	if ferr != nil {
-		return c.refreshFailed(ctx, old, "", now, "policy renewal over HTTPS failed after the TXT lookup failed", ferr)
+		return c.refreshFailed(ctx, old, old.ID, now, "policy renewal over HTTPS failed after the TXT lookup failed", ferr)
 	}
 	now = c.cfg.Now()
 	n := &Entry{Domain: domain, ID: old.ID, Policy: p, Reason: ReasonPolicy, Fetched: now, Checked: now, Expires: now.Add(p.MaxAge)}
@@ -217,7 +219,17 @@ func (c *Cache) refreshFailed(ctx context.Context, old *Entry, failedID string, 
 	if c.cfg.Store != nil {
 		c.persist(ctx, n) // the failure state is advisory: counted, not logged
 	}
-	c.scheduleAt(n, now.Add(FailureBackoff+randDuration(FailureBackoff/10)))
+	next := now.Add(FailureBackoff + randDuration(FailureBackoff/10))
+	if failedID == "" {
+		// Only the TXT lookup failed: no fetch failed, so no back-off
+		// holds the renewal over HTTPS, which must come before the
+		// policy expires (SPEC 6.4, RFC 8461 §10.2) even when that is
+		// sooner than the back-off.
+		if renew := n.Expires.Add(-c.renewBefore(n.Policy)); renew.Before(next) {
+			next = laterOf(renew, now.Add(c.minRecheck(n.Policy)))
+		}
+	}
+	c.scheduleAt(n, next)
 	c.cfg.Observer.Refresh(RefreshFailed)
 	return n
 }
@@ -247,12 +259,23 @@ func (c *Cache) renewBefore(p *resolver.Policy) time.Duration {
 func (c *Cache) nextCheck(e *Entry, now time.Time) time.Time {
 	next := now.Add(c.t().Refresh.Interval + randDuration(c.t().Refresh.Interval/10))
 	if renew := e.Expires.Add(-c.renewBefore(e.Policy)); renew.Before(next) {
-		next = renew
-		if soonest := now.Add(time.Minute); next.Before(soonest) {
-			next = soonest
-		}
+		next = laterOf(renew, now.Add(c.minRecheck(e.Policy)))
 	}
 	return next
+}
+
+func laterOf(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// minRecheck is the least time between two refreshes of a policy near
+// expiry: a minute, or a quarter of a shorter max_age (at least a second),
+// so that even a policy of a few minutes is renewed before it expires.
+func (c *Cache) minRecheck(p *resolver.Policy) time.Duration {
+	return min(time.Minute, max(p.MaxAge/4, time.Second))
 }
 
 func (c *Cache) scheduleAt(e *Entry, at time.Time) {

@@ -386,3 +386,27 @@ func TestRefreshAtScale(t *testing.T) {
 		}
 	})
 }
+
+// A policy shorter than the fetch back-off, whose TXT lookup starts to
+// SERVFAIL (DNS blocked) while its policy host stays up, is renewed over
+// HTTPS before it expires: a failed TXT lookup holds back no fetch (SPEC
+// 4.7 is about fetches), and its retry comes no later than the renewal
+// window (SPEC 6.4, RFC 8461 §10.2). Found by the soak test.
+func TestRefreshTXTFailureRenewsShortPolicy(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const maxAge = 5 * time.Minute // renew_before = 2m30s
+		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: policyWithMX("mx.example", maxAge)}
+		cfg := refreshConfig()
+		cfg.Refresh.Interval = 30 * time.Second
+		c := newTestCache(t, src, cfg)
+		lookupMX(t, c, "example.com")
+		src.setRecord("", fmt.Errorf("x: %w", resolver.ErrDNS))
+		for elapsed := time.Duration(0); elapsed < 4*maxAge; elapsed += 10 * time.Second {
+			time.Sleep(10 * time.Second)
+			synctest.Wait()
+			if got := lookupMX(t, c, "example.com"); got != "mx.example" {
+				t.Fatalf("%v after DNS was blocked: got %q, want the policy still enforced (fetches: %d)", elapsed, got, src.fetches.Load())
+			}
+		}
+	})
+}
