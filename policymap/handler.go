@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-
 	"stsmap/dane"
 	"stsmap/policycache"
 	"stsmap/resolver"
