@@ -52,9 +52,9 @@ func (f fakeSource) FetchPolicy(ctx context.Context, domain string) (*resolver.P
 
 // fakeDANE answers a fixed level per next hop, dane.None for the others.
 // fakeDANE answers every level from its cache, as dane.Checker does once a
-// domain is known: the handler then starts no MTA-STS discovery alongside a
-// DANE check (policymap's Prefetch), which would make the cache counts of
-// this test depend on goroutine scheduling.
+// domain is known: the handler then begins no MTA-STS lookup alongside a
+// DANE check (policycache.Cache.Begin), which would add a discovery of each
+// DANE domain to the counts this test checks.
 type fakeDANE map[string]dane.Level
 
 func (f fakeDANE) Check(ctx context.Context, nexthop string, port int, host bool) (dane.Level, error) {

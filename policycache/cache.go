@@ -248,23 +248,52 @@ func (c *Cache) LoadStore(ctx context.Context) (int, error) {
 // is first; then it returns an entry with ReasonPending while the discovery
 // goes on in the background.
 func (c *Cache) Lookup(ctx context.Context, domain string) *Entry {
+	if e, ok := c.hit(domain); ok {
+		return e
+	}
+	c.cfg.Observer.CacheMiss()
+	return c.await(ctx, domain, c.discoverAsync(domain))
+}
+
+// Begin is Lookup in two steps: it counts the hit or miss and starts or
+// joins the discovery of an uncached domain, and the function it returns
+// finishes the lookup as Lookup would. A caller with other work to do first
+// (policymap's DANE check) lets the discovery run meanwhile; one that never
+// calls the function leaves the discovery to end on its own.
+func (c *Cache) Begin(domain string) func(ctx context.Context) *Entry {
+	if e, ok := c.hit(domain); ok {
+		return func(context.Context) *Entry { return e }
+	}
+	c.cfg.Observer.CacheMiss()
+	ch := c.discoverAsync(domain)
+	return func(ctx context.Context) *Entry { return c.await(ctx, domain, ch) }
+}
+
+// hit returns the unexpired cached entry of domain and counts the hit.
+func (c *Cache) hit(domain string) (*Entry, bool) {
 	// Peek, not Get: Get moves the entry to the front of the LRU list
 	// under the cache's write lock, which per lookup cost more than the
 	// rest of a cached answer. touch reports when LastUsed moves, once a
 	// minute at most, and only then does Get move it: the LRU order is
 	// right to the minute (SPEC 6.1: the hot path).
-	if e, ok := c.entries.Peek(domain); ok {
-		now := c.cfg.Now()
-		if now.Before(e.Expires) {
-			if e.touch(now) {
-				c.entries.Get(domain)
-			}
-			c.cfg.Observer.CacheHit()
-			return e
-		}
+	e, ok := c.entries.Peek(domain)
+	if !ok {
+		return nil, false
 	}
-	c.cfg.Observer.CacheMiss()
-	ch := c.discoverAsync(domain)
+	now := c.cfg.Now()
+	if !now.Before(e.Expires) {
+		return nil, false
+	}
+	if e.touch(now) {
+		c.entries.Get(domain)
+	}
+	c.cfg.Observer.CacheHit()
+	return e, true
+}
+
+// await waits for the discovery delivering on ch until ctx ends or the
+// first-contact timeout passes.
+func (c *Cache) await(ctx context.Context, domain string, ch <-chan *Entry) *Entry {
 	timer := time.NewTimer(c.t().FirstContactTimeout)
 	defer timer.Stop()
 	select {
@@ -276,16 +305,6 @@ func (c *Cache) Lookup(ctx context.Context, domain string) *Entry {
 	// SPEC 4.6, 6.3: nothing valid is cached and discovery is still
 	// running: answer as if the domain had no MTA-STS for now.
 	return &Entry{Domain: domain, Reason: ReasonPending, Fetched: c.cfg.Now()}
-}
-
-// Prefetch starts the discovery of domain, or joins the one running,
-// unless an unexpired entry is cached; it does not wait. A Lookup that
-// follows joins the discovery (SPEC 4.7: singleflight).
-func (c *Cache) Prefetch(domain string) {
-	if e, ok := c.entries.Peek(domain); ok && c.cfg.Now().Before(e.Expires) {
-		return
-	}
-	c.discoverAsync(domain)
 }
 
 // Peek returns the cached entry for domain, expired or not, without
@@ -326,8 +345,8 @@ func (c *Cache) discoverAsync(domain string) <-chan *Entry {
 		v, _, _ := c.group.Do(domain, func() (any, error) {
 			// A discovery of domain that ended after the caller's cache
 			// miss but before this one joined it has cached its entry:
-			// use it rather than discover again (Prefetch and Lookup
-			// of one first contact may come this close).
+			// use it rather than discover again (lookups of one
+			// domain a moment apart may come this close).
 			if e, ok := c.entries.Peek(domain); ok && c.cfg.Now().Before(e.Expires) {
 				return e, nil
 			}

@@ -305,29 +305,38 @@ func BenchmarkLookupHit(b *testing.B) {
 	}
 }
 
-// Prefetch starts a discovery without waiting; a Lookup that follows joins
-// it, and a cached domain is not discovered again (SPEC 4.7, 6.1).
-func TestPrefetch(t *testing.T) {
+// Begin starts a discovery without waiting and counts one miss; finishing
+// it waits for that discovery, and a Lookup meanwhile joins it (SPEC 4.7);
+// a cached domain is a hit with no discovery (SPEC 6.1).
+func TestBegin(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		hold := make(chan struct{})
 		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: enforcePolicy(time.Hour), hold: hold}
-		c := newTestCache(t, src, Config{})
-		c.Prefetch("example.com")
+		obs := newRecordingObserver()
+		c := newTestCache(t, src, Config{Observer: obs})
+		finish := c.Begin("example.com")
 		synctest.Wait()
 		if got := src.fetches.Load(); got != 1 {
-			t.Fatalf("fetches after Prefetch: got %d, want 1 (started, held)", got)
+			t.Fatalf("fetches after Begin: got %d, want 1 (started, held)", got)
 		}
-		done := make(chan *Entry)
-		go func() { done <- c.Lookup(context.Background(), "example.com") }()
+		joined := make(chan *Entry)
+		go func() { joined <- c.Lookup(context.Background(), "example.com") }()
 		synctest.Wait()
 		close(hold)
-		if e := <-done; e.Policy == nil {
-			t.Errorf("Lookup after Prefetch: got %+v, want the policy", e)
+		if e := finish(context.Background()); e.Policy == nil {
+			t.Errorf("finished lookup: got %+v, want the policy", e)
 		}
-		c.Prefetch("example.com")
-		synctest.Wait()
+		if e := <-joined; e.Policy == nil {
+			t.Errorf("joined Lookup: got %+v, want the policy", e)
+		}
+		if e := c.Begin("example.com")(context.Background()); e.Policy == nil {
+			t.Errorf("Begin of a cached domain: got %+v, want the policy", e)
+		}
 		if got, want := [2]int32{src.lookups.Load(), src.fetches.Load()}, [2]int32{1, 1}; got != want {
 			t.Errorf("TXT lookups and fetches: got %v, want %v (one discovery, joined, then cached)", got, want)
+		}
+		if got, want := [2]int{obs.get("miss"), obs.get("hit")}, [2]int{2, 1}; got != want {
+			t.Errorf("misses and hits: got %v, want %v", got, want)
 		}
 	})
 }

@@ -146,7 +146,8 @@ func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply,
 		return socketmap.NotFound(), AnswerNoPolicy // SPEC 2.4
 	}
 	domain := hop.Domain
-	switch h.daneLevel(ctx, hop) {
+	lvl, finish := h.daneLevel(ctx, hop)
+	switch lvl {
 	case dane.DaneOnly:
 		return socketmap.OK("dane-only"), AnswerDaneOnly
 	case dane.Dane:
@@ -156,7 +157,7 @@ func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply,
 		// failed: Postfix itself defers in that case (RFC 7672 §2.2).
 		return socketmap.Temp("DANE TLSA lookup failed"), AnswerTemp
 	}
-	e := h.Cache.Lookup(ctx, domain)
+	e := lookup(ctx, h.Cache, domain, finish)
 	text, ok := h.answer(domain, e, h.Settings(name))
 	switch {
 	case ok && e.Policy.Mode == resolver.ModeTesting:
@@ -172,35 +173,45 @@ func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply,
 
 // daneLevel returns the DANE level of the next hop, or dane.None when DANE
 // is off or the check did not finish in time (it goes on in the background
-// and its result is cached): a slow resolver must not defer mail.
-func (h *Handler) daneLevel(ctx context.Context, hop Nexthop) dane.Level {
+// and its result is cached): a slow resolver must not defer mail. When the
+// check has to wait on DNS, the policy lookup is begun first and finish
+// completes it (see lookup).
+func (h *Handler) daneLevel(ctx context.Context, hop Nexthop) (lvl dane.Level, finish func(context.Context) *policycache.Entry) {
 	if h.DANE == nil {
-		return dane.None
+		return dane.None, nil
 	}
 	if c, ok := h.DANE.(daneCache); ok {
 		if lvl, ok, err := c.Cached(hop.Domain, hop.Port, hop.Bracketed); ok {
-			return daneResult(lvl, err)
+			return daneResult(lvl, err), nil
 		}
 	}
 	// A DANE check that waits on DNS is a first contact, or nearly: the
 	// MTA-STS discovery the lookup needs next, unless DANE takes
 	// precedence, starts now and runs alongside, so the two cost one wait
 	// rather than two.
-	if p, ok := h.Cache.(prefetcher); ok {
-		p.Prefetch(hop.Domain)
+	if b, ok := h.Cache.(beginner); ok {
+		finish = b.Begin(hop.Domain)
 	}
 	ctx, cancel := context.WithTimeout(ctx, cmp.Or(h.DANETimeout, 5*time.Second))
 	defer cancel()
-	return daneResult(h.DANE.Check(ctx, hop.Domain, hop.Port, hop.Bracketed))
+	return daneResult(h.DANE.Check(ctx, hop.Domain, hop.Port, hop.Bracketed)), finish
 }
 
-// prefetcher is implemented by a Lookuper that can start a discovery
-// without waiting for it, as policycache.Cache does.
-type prefetcher interface {
-	Prefetch(domain string)
+// beginner is implemented by a Lookuper that can begin a lookup and finish
+// it later, as policycache.Cache does (Begin).
+type beginner interface {
+	Begin(domain string) func(context.Context) *policycache.Entry
 }
 
-var _ prefetcher = (*policycache.Cache)(nil)
+var _ beginner = (*policycache.Cache)(nil)
+
+// lookup finishes the lookup daneLevel began, or makes one.
+func lookup(ctx context.Context, c Lookuper, domain string, finish func(context.Context) *policycache.Entry) *policycache.Entry {
+	if finish != nil {
+		return finish(ctx)
+	}
+	return c.Lookup(ctx, domain)
+}
 
 // daneResult is the level of a DANE check that returned lvl and err: Temp
 // only for a failed TLSA lookup, None for a check that did not finish.
@@ -243,15 +254,15 @@ func (h *Handler) Explain(ctx context.Context, key string, s Settings) Result {
 	}
 	domain := hop.Domain
 	r.Domain = domain
-	if lvl := h.daneLevel(ctx, hop); lvl != dane.None {
+	lvl, finish := h.daneLevel(ctx, hop)
+	if lvl != dane.None {
 		r.DANE, r.Reason = lvl.String(), "dane"
 		if lvl != dane.Temp {
 			r.Found, r.Answer = true, lvl.String()
 		}
 		return r
 	}
-	c := h.Cache
-	e := c.Lookup(ctx, domain)
+	e := lookup(ctx, h.Cache, domain, finish)
 	r.Reason, r.Error, r.PolicyID = string(e.Reason), e.Err, e.ID
 	if !e.Fetched.IsZero() && e.Reason != policycache.ReasonPending {
 		fetched, expires := e.Fetched.UTC(), e.Expires.UTC()
