@@ -182,8 +182,9 @@ func (m *Metrics) ObserveLookup(answer string, d time.Duration) {
 }
 
 // Handler serves /metrics and /healthz. /healthz answers 200 "ok" once
-// ready returns true (the daemon's listeners are up and its store is
-// loaded), 503 "starting" before; a nil ready counts as ready.
+// ready returns true (the daemon's listeners are up; its store may still be
+// loading, lookups read it directly meanwhile), 503 "starting" before; a
+// nil ready counts as ready.
 func (m *Metrics) Handler(ready func() bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.InstrumentMetricHandler(m.reg,
