@@ -214,6 +214,15 @@ func TestFleetSharesThroughRedis(t *testing.T) {
 	if got := a.ask(t, "postfix example.com"); got != exampleAnswer {
 		t.Fatalf("first MTA: got %q\n%s", got, a.logs())
 	}
+	// The store write follows the answer by a moment.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if n, _ := redis.Keys("*policy:example.com"); n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the first MTA's policy did not reach Redis within 10 s\n%s", a.logs())
+		}
+	}
 	txt, fetches := w.DNS.QueriesFor("_mta-sts.example.com"), w.Policy.Fetches()
 	if got := b.ask(t, "postfix example.com"); got != exampleAnswer {
 		t.Fatalf("second MTA: got %q\n%s", got, b.logs())
