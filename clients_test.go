@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,6 +17,7 @@ import (
 	"time"
 
 	"stsmap/config"
+	"stsmap/internal/fixture"
 )
 
 // Hostile clients against stsmap as a real process (issue 8, item 4): what
@@ -59,59 +59,6 @@ func readProcFigures(pid int) (procFigures, error) {
 	return f, err
 }
 
-// raiseOpenFiles raises the soft RLIMIT_NOFILE to the hard limit. If even
-// the hard limit is below need, the test is skipped, or fails in CI (the
-// CI environment variable set), as fixture.RequireTool does.
-func raiseOpenFiles(t *testing.T, need uint64) {
-	t.Helper()
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatalf("getrlimit: %v", err)
-	}
-	if lim.Max < need {
-		msg := fmt.Sprintf("needs RLIMIT_NOFILE of at least %d open files; the hard limit is %d (raise it: ulimit -Hn, or LimitNOFILE= in a unit)", need, lim.Max)
-		if os.Getenv("CI") != "" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	if lim.Cur < lim.Max {
-		lim.Cur = lim.Max
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-			t.Fatalf("raise the RLIMIT_NOFILE soft limit to %d: %v", lim.Max, err)
-		}
-	}
-}
-
-// builtWithRace reports whether this test binary, and so the daemon it
-// starts, was built with -race. (A build-tagged constant would need a file
-// of its own; the build settings say as much.)
-func builtWithRace() bool {
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		for _, s := range bi.Settings {
-			if s.Key == "-race" {
-				return s.Value == "true"
-			}
-		}
-	}
-	return false
-}
-
-// eventually reports whether cond comes true within timeout, checking it
-// every few milliseconds.
-func eventually(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		<-tick.C
-	}
-	return true
-}
-
 func TestHostileClientsRSS(t *testing.T) {
 	const (
 		floodConns = 10000
@@ -126,12 +73,12 @@ func TestHostileClientsRSS(t *testing.T) {
 	// says): the daemon built with it gets a smaller pipelined flood and
 	// twice the RSS bound.
 	pipeReqs := 12500 // per connection
-	if builtWithRace() {
+	if fixture.RaceEnabled() {
 		pipeReqs /= 5
 		maxRSSKiB *= 2
 	}
 	// The flood's client ends are in this process; the daemon is another.
-	raiseOpenFiles(t, floodConns+500)
+	fixture.RaiseFileLimit(t, floodConns+500)
 	maxConns := config.Default().Socketmap.MaxConnections
 	w := newTestWorld(t)
 	d := startDaemon(t, w, t.TempDir(), "cache:\n  store: memory\n")
@@ -215,7 +162,7 @@ func TestHostileClientsRSS(t *testing.T) {
 	}
 	// The daemon takes max_connections; each is one more fd.
 	var during procFigures
-	if !eventually(20*time.Second, func() bool {
+	if !fixture.Poll(20*time.Second, 10*time.Millisecond, func() bool {
 		during, err = readProcFigures(pid)
 		return err == nil && during.fds >= warm.fds+maxConns-1
 	}) {
@@ -253,7 +200,7 @@ func TestHostileClientsRSS(t *testing.T) {
 	}
 	t.Logf("every flood connection answered and closed %v after the flood finished its requests", time.Since(drain).Round(time.Millisecond))
 	var after procFigures
-	if !eventually(20*time.Second, func() bool {
+	if !fixture.Poll(20*time.Second, 10*time.Millisecond, func() bool {
 		after, err = readProcFigures(pid)
 		return err == nil && after.fds <= warm.fds
 	}) {
@@ -355,7 +302,7 @@ func TestHostileClientsRSS(t *testing.T) {
 	for _, c := range pipeClients {
 		c.Close()
 	}
-	if !eventually(20*time.Second, func() bool {
+	if !fixture.Poll(20*time.Second, 10*time.Millisecond, func() bool {
 		after, err = readProcFigures(pid)
 		return err == nil && after.fds <= start.fds
 	}) {

@@ -15,7 +15,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -258,7 +257,7 @@ maps:
 	waitUntil(t, 30*time.Second, "the metrics listener", func() bool { return addr.MatchString(s.d.logs()) })
 	s.metrics = "http://" + addr.FindStringSubmatch(s.d.logs())[1]
 	t.Logf("soak %v: %d clients, at most %d requests/s, refresh every %v, faults change every %v, race detector %v, seed %d",
-		dur, soakClients, soakRate, s.interval, s.phase, raceEnabled(), s.seed)
+		dur, soakClients, soakRate, s.interval, s.phase, fixture.RaceEnabled(), s.seed)
 	return s
 }
 
@@ -338,7 +337,7 @@ func (s *soak) warmUp() soakSample {
 		wg.Go(func() {
 			for w := range work {
 				var got string
-				ok := pollUntil(time.Until(deadline), func() bool {
+				ok := fixture.Poll(time.Until(deadline), 100*time.Millisecond, func() bool {
 					got = s.askOnce(w.req)
 					return got == w.reply
 				})
@@ -1170,7 +1169,7 @@ func (s *soak) checkConvergence() {
 		want := r.latest
 		r.mu.Unlock()
 		var got string
-		if !pollUntil(time.Until(deadline), func() bool {
+		if !fixture.Poll(time.Until(deadline), 100*time.Millisecond, func() bool {
 			got = s.askOnce("postfix " + r.domain)
 			return got == want
 		}) {
@@ -1185,7 +1184,7 @@ func (s *soak) checkConvergence() {
 func (s *soak) settle(start soakSample) soakSample {
 	var end soakSample
 	var err error
-	pollUntil(soakFetchTimeout+60*time.Second, func() bool {
+	fixture.Poll(soakFetchTimeout+60*time.Second, 100*time.Millisecond, func() bool {
 		end, err = s.sample()
 		return err == nil && end.goroutines <= start.goroutines+soakGoroutineSlop && end.fds <= start.fds+soakFDSlop
 	})
@@ -1308,7 +1307,7 @@ func (s *soak) report(start, end soakSample, load time.Duration) {
 		}
 	}
 	growth := int64(soakRSSGrowth)
-	if raceEnabled() {
+	if fixture.RaceEnabled() {
 		growth *= 4 // the race detector's shadow memory grows with the heap
 	}
 	if end.rssKiB*1024 >= start.rssKiB*1024+growth {
@@ -1320,21 +1319,6 @@ func (s *soak) report(start, end soakSample, load time.Duration) {
 	if end.fds > start.fds+soakFDSlop {
 		t.Errorf("open fds: %d at the start, still %d after the load ended (bound %d)", start.fds, end.fds, start.fds+soakFDSlop)
 	}
-}
-
-// raceEnabled reports whether this binary, and so the daemon, was built
-// with -race.
-func raceEnabled() bool {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return false
-	}
-	for _, st := range bi.Settings {
-		if st.Key == "-race" {
-			return st.Value == "true"
-		}
-	}
-	return false
 }
 
 // checkAlive: the daemon that started is still running (a dead child
@@ -1384,23 +1368,9 @@ func soakTail(logs string) string {
 	return strings.Join(lines[max(0, len(lines)-30):], "\n")
 }
 
-// pollUntil calls cond every 100ms until it holds or timeout passes.
-func pollUntil(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		<-tick.C
-	}
-	return true
-}
-
 func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	if !pollUntil(timeout, cond) {
+	if !fixture.Poll(timeout, 100*time.Millisecond, cond) {
 		t.Fatalf("no %s after %v", what, timeout)
 	}
 }

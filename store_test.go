@@ -215,13 +215,8 @@ func TestFleetSharesThroughRedis(t *testing.T) {
 		t.Fatalf("first MTA: got %q\n%s", got, a.logs())
 	}
 	// The store write follows the answer by a moment.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if n, _ := redis.Keys("*policy:example.com"); n > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the first MTA's policy did not reach Redis within 10 s\n%s", a.logs())
-		}
+	if !fixture.Poll(10*time.Second, 10*time.Millisecond, func() bool { n, _ := redis.Keys("*policy:example.com"); return n > 0 }) {
+		t.Fatalf("the first MTA's policy did not reach Redis within 10 s\n%s", a.logs())
 	}
 	txt, fetches := w.DNS.QueriesFor("_mta-sts.example.com"), w.Policy.Fetches()
 	if got := b.ask(t, "postfix example.com"); got != exampleAnswer {
@@ -292,46 +287,23 @@ func TestFleetSharesThroughRedis(t *testing.T) {
 }
 
 // BenchmarkStartup100k measures start-up to first answer with 100,000
-// stored policies: open and load the bbolt store, listen, answer a cached
-// domain. It reports the store's size on disk.
+// stored policies: open the bbolt store, listen, answer a stored domain
+// (read from the store while it loads in the background). It reports the
+// store's size on disk.
 //
 //	go test -run '^$' -bench Startup100k -benchtime 5x .
 func BenchmarkStartup100k(b *testing.B) {
 	const n = 100000
-	dir := b.TempDir()
-	path := filepath.Join(dir, "policies.db")
-	fillStore(b, path, n)
-	st, err := os.Stat(path)
+	cfg, sock := storedConfig(b, n)
+	st, err := os.Stat(cfg.Cache.Path)
 	if err != nil {
 		b.Fatal(err)
 	}
-	cfg := config.Default()
-	cfg.Cache.Path = path
-	cfg.Metrics.Listen = ""
-	cfg.DNS.Nameservers = []string{"127.0.0.1:9"} // never asked: every answer is cached
-	sock := filepath.Join(dir, "s.sock")
-	cfg.Listen = []string{"unix:" + sock}
 	for b.Loop() {
-		ctx, cancel := context.WithCancel(context.Background())
-		ready := make(chan []net.Addr, 1)
-		done := make(chan int, 1)
-		e := &env{stdout: io.Discard, stderr: io.Discard, ready: func(a []net.Addr) { ready <- a }}
-		go func() { done <- serve(ctx, cfg, "", e) }()
-		<-ready
-		c, err := net.Dial("unix", sock)
-		if err != nil {
-			b.Fatal(err)
-		}
-		reply := make([]byte, 200)
-		io.WriteString(c, netstring("postfix d4242.example"))
-		k, _ := c.Read(reply)
-		if !strings.Contains(string(reply[:k]), "OK secure") {
-			b.Fatalf("first answer: %q", reply[:k])
-		}
+		stop := startStored(b, cfg, io.Discard)
+		askStored(b, sock)
 		b.StopTimer()
-		c.Close()
-		cancel()
-		<-done
+		stop()
 		b.StartTimer()
 	}
 	b.ReportMetric(float64(st.Size()), "store_bytes")
@@ -343,48 +315,65 @@ func BenchmarkStartup100k(b *testing.B) {
 // before serve started, divided by the number of policies.
 func BenchmarkHeapPerPolicy100k(b *testing.B) {
 	const n = 100000
-	dir := b.TempDir()
-	path := filepath.Join(dir, "policies.db")
-	fillStore(b, path, n)
-	cfg := config.Default()
-	cfg.Cache.Path = path
-	cfg.Metrics.Listen = ""
-	cfg.Admin.Socket = "none"
-	cfg.DNS.Nameservers = []string{"127.0.0.1:9"} // never asked: every answer is cached
-	sock := filepath.Join(dir, "s.sock")
-	cfg.Listen = []string{"unix:" + sock}
+	cfg, sock := storedConfig(b, n)
 	var perPolicy float64
 	for b.Loop() {
 		before := heapInUse()
-		ctx, cancel := context.WithCancel(context.Background())
-		ready := make(chan []net.Addr, 1)
-		done := make(chan int, 1)
 		logs := &fixture.SyncBuffer{}
-		e := &env{stdout: io.Discard, stderr: logs, ready: func(a []net.Addr) { ready <- a }}
-		go func() { done <- serve(ctx, cfg, "", e) }()
-		<-ready
+		stop := startStored(b, cfg, logs)
 		for !strings.Contains(logs.String(), "policy store loaded") { // loaded in the background
 			time.Sleep(10 * time.Millisecond)
 		}
 		if !strings.Contains(logs.String(), fmt.Sprintf("policies=%d", n)) {
 			b.Fatalf("the store did not load %d policies:\n%s", n, logs)
 		}
-		c, err := net.Dial("unix", sock)
-		if err != nil {
-			b.Fatal(err)
-		}
-		reply := make([]byte, 200)
-		io.WriteString(c, netstring("postfix d4242.example"))
-		k, _ := c.Read(reply)
-		if !strings.Contains(string(reply[:k]), "OK secure") {
-			b.Fatalf("first answer: %q", reply[:k])
-		}
+		askStored(b, sock)
 		perPolicy = float64(heapInUse()-before) / n
-		c.Close()
-		cancel()
-		<-done
+		stop()
 	}
 	b.ReportMetric(perPolicy, "heap_bytes/policy")
+}
+
+// storedConfig is the embedded defaults on a bbolt store of n policies
+// (d0.example ...), listening on a unix socket, with no metrics or admin
+// listener and a nameserver that is never asked.
+func storedConfig(b *testing.B, n int) (cfg *config.Config, sock string) {
+	dir := b.TempDir()
+	cfg = config.Default()
+	cfg.Cache.Path = filepath.Join(dir, "policies.db")
+	fillStore(b, cfg.Cache.Path, n)
+	cfg.Metrics.Listen = ""
+	cfg.Admin.Socket = "none"
+	cfg.DNS.Nameservers = []string{"127.0.0.1:9"} // never asked: every answer is stored
+	sock = filepath.Join(dir, "s.sock")
+	cfg.Listen = []string{"unix:" + sock}
+	return cfg, sock
+}
+
+// startStored runs serve on cfg until its listeners are up; stop ends it.
+func startStored(b *testing.B, cfg *config.Config, stderr io.Writer) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan []net.Addr, 1)
+	done := make(chan int, 1)
+	e := &env{stdout: io.Discard, stderr: stderr, ready: func(a []net.Addr) { ready <- a }}
+	go func() { done <- serve(ctx, cfg, "", e) }()
+	<-ready
+	return func() { cancel(); <-done }
+}
+
+// askStored asks for a stored domain and checks the answer.
+func askStored(b *testing.B, sock string) {
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	reply := make([]byte, 200)
+	io.WriteString(c, netstring("postfix d4242.example"))
+	k, _ := c.Read(reply)
+	if !strings.Contains(string(reply[:k]), "OK secure") {
+		b.Fatalf("first answer: %q", reply[:k])
+	}
 }
 
 // heapInUse is the live heap after a full collection.

@@ -5,54 +5,11 @@ import (
 	"strings"
 	"testing"
 
+	"stsmap/internal/fixture"
 	"stsmap/policycache"
 	"stsmap/resolver"
 	"stsmap/socketmap"
 )
-
-// mxPolicyOfSize returns a valid policy of exactly n bytes that is, after
-// its required version, mode and max_age lines, nothing but mx lines: for
-// name(0), name(1), ... while they fit, then for names of the length that
-// makes n exact. (resolver's hostile fetch test serves the same bodies.)
-func mxPolicyOfSize(n int, name func(i int) string) string {
-	var b strings.Builder
-	b.WriteString("version: STSv1\nmode: enforce\nmax_age: 86400\n")
-	const minLine = 16 // the shortest last line: "mx: " + 11 bytes + "\n"
-	for i := 0; ; i++ {
-		line := "mx: " + name(i) + "\n"
-		if b.Len()+len(line)+minLine > n {
-			break
-		}
-		b.WriteString(line)
-	}
-	for rest := n - b.Len(); rest > 0; rest = n - b.Len() {
-		size := min(rest, 200)
-		if left := rest - size; left > 0 && left < minLine {
-			size = rest - minLine
-		}
-		b.WriteString("mx: " + hostOfLen(size-len("mx: \n")) + "\n")
-	}
-	return b.String()
-}
-
-// hostOfLen returns a host name of exactly k bytes (9 <= k <= 253): labels
-// of "p" under "example".
-func hostOfLen(k int) string {
-	var b strings.Builder
-	for rest := k - len(".example"); rest > 0; {
-		if rest <= 63 {
-			b.WriteString(strings.Repeat("p", rest))
-			break
-		}
-		l := 63
-		if rest == 64 {
-			l = 62 // leave a label of one, not an empty one
-		}
-		b.WriteString(strings.Repeat("p", l) + ".")
-		rest -= l + 1
-	}
-	return b.String() + ".example"
-}
 
 // TestHostilePolicyAnswerSize: a hostile policy host fills the 64 KiB
 // SPEC 4.5 allows with mx lines, which parse. Whatever they hold, the reply
@@ -84,7 +41,7 @@ func TestHostilePolicyAnswerSize(t *testing.T) {
 		{"tlsrpt", tlsrpt}, {"tlsrpt strict", Settings{StrictTesting: true, Servername: true, TLSRPT: true}},
 	}
 	for _, tt := range tests {
-		body := mxPolicyOfSize(resolver.MaxPolicySize, tt.mx)
+		body := fixture.MXPolicyOfSize(resolver.MaxPolicySize, tt.mx)
 		if len(body) != resolver.MaxPolicySize {
 			t.Fatalf("%s: policy of %d bytes, want %d", tt.name, len(body), resolver.MaxPolicySize)
 		}

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"stsmap/internal/fixture"
 )
 
 // Hostile policy hosts (issue 8): whatever a policy host does, a fetch ends
@@ -256,53 +258,9 @@ func resetMidBody(w http.ResponseWriter, r *http.Request) {
 	conn.(*tls.Conn).NetConn().Close()
 }
 
-// mxPolicyOfSize returns a valid policy of exactly n bytes that is, after
-// its required version, mode and max_age lines, nothing but mx lines: for
-// name(0), name(1), ... while they fit, then for names of the length that
-// makes n exact.
-func mxPolicyOfSize(n int, name func(i int) string) string {
-	var b strings.Builder
-	b.WriteString("version: STSv1\nmode: enforce\nmax_age: 86400\n")
-	const minLine = 16 // the shortest last line: "mx: " + 11 bytes + "\n"
-	for i := 0; ; i++ {
-		line := "mx: " + name(i) + "\n"
-		if b.Len()+len(line)+minLine > n {
-			break
-		}
-		b.WriteString(line)
-	}
-	for rest := n - b.Len(); rest > 0; rest = n - b.Len() {
-		size := min(rest, 200)
-		if left := rest - size; left > 0 && left < minLine {
-			size = rest - minLine
-		}
-		b.WriteString("mx: " + hostOfLen(size-len("mx: \n")) + "\n")
-	}
-	return b.String()
-}
-
-// hostOfLen returns a host name of exactly k bytes (9 <= k <= 253): labels
-// of "p" under "example".
-func hostOfLen(k int) string {
-	var b strings.Builder
-	for rest := k - len(".example"); rest > 0; {
-		if rest <= 63 {
-			b.WriteString(strings.Repeat("p", rest))
-			break
-		}
-		l := 63
-		if rest == 64 {
-			l = 62 // leave a label of one, not an empty one
-		}
-		b.WriteString(strings.Repeat("p", l) + ".")
-		rest -= l + 1
-	}
-	return b.String() + ".example"
-}
-
 func TestFetchHostile(t *testing.T) {
 	var redirects atomic.Int32
-	mxBody := mxPolicyOfSize(MaxPolicySize, func(i int) string { return fmt.Sprintf("m%d.example", i) })
+	mxBody := fixture.MXPolicyOfSize(MaxPolicySize, func(i int) string { return fmt.Sprintf("m%d.example", i) })
 
 	tests := []struct {
 		name string

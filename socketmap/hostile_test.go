@@ -16,9 +16,7 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"runtime"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,6 +26,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"stsmap/internal/fixture"
 )
 
 // floodConns is how many connections TestHostileConnectionFlood opens:
@@ -40,38 +40,8 @@ var floodConns = 10000
 var pipelined = 1
 
 func init() {
-	// A build-tagged constant would need a file of its own; the build
-	// settings of the test binary say as much.
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		for _, s := range bi.Settings {
-			if s.Key == "-race" && s.Value == "true" {
-				floodConns, pipelined = 6000, 5
-			}
-		}
-	}
-}
-
-// raiseFileLimit raises the soft RLIMIT_NOFILE to the hard limit. If even
-// the hard limit is below need, the test is skipped, or fails in CI (the
-// CI environment variable set), as fixture.RequireTool does.
-func raiseFileLimit(t *testing.T, need uint64) {
-	t.Helper()
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatalf("getrlimit: %v", err)
-	}
-	if lim.Max < need {
-		msg := fmt.Sprintf("needs RLIMIT_NOFILE of at least %d open files; the hard limit is %d (raise it: ulimit -Hn, or LimitNOFILE= in a unit)", need, lim.Max)
-		if os.Getenv("CI") != "" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	if lim.Cur < lim.Max {
-		lim.Cur = lim.Max
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-			t.Fatalf("raise the RLIMIT_NOFILE soft limit to %d: %v", lim.Max, err)
-		}
+	if fixture.RaceEnabled() {
+		floodConns, pipelined = 6000, 5
 	}
 }
 
@@ -93,21 +63,6 @@ func (g *connGauge) state(delta int) {
 func raise(v *atomic.Int64, n int64) {
 	for p := v.Load(); n > p && !v.CompareAndSwap(p, n); p = v.Load() {
 	}
-}
-
-// poll reports whether cond comes true within timeout, checking it every
-// few milliseconds.
-func poll(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		<-tick.C
-	}
-	return true
 }
 
 // stopServer shuts ts down and checks that no goroutine started since
@@ -203,7 +158,7 @@ func TestHostileConnectionFlood(t *testing.T) {
 	)
 	// This process holds both ends: the flood's client ends, and the
 	// server's MaxConns plus the one it holds at the limit.
-	raiseFileLimit(t, uint64(floodConns+maxConns+200))
+	fixture.RaiseFileLimit(t, uint64(floodConns+maxConns+200))
 	for _, network := range []string{"tcp", "unix"} {
 		t.Run(network, func(t *testing.T) {
 			ignore := goleak.IgnoreCurrent()
@@ -260,14 +215,14 @@ func TestHostileConnectionFlood(t *testing.T) {
 			dialed := time.Since(start)
 			established := int64(floodConns) - refused.Load() - timedOut.Load() - failed.Load()
 			// The server takes the first MaxConns of the queue.
-			if !poll(10*time.Second, func() bool { return g.open.Load() == maxConns }) {
+			if !fixture.Poll(10*time.Second, 5*time.Millisecond, func() bool { return g.open.Load() == maxConns }) {
 				t.Errorf("%d connections served during the flood, want MaxConns (%d)", g.open.Load(), maxConns)
 			}
 			goroutinesDuring := runtime.NumGoroutine()
 			// The established client is served while the flood holds
 			// every slot (its asker may not even have run yet on a busy
 			// machine: wait for an answer, with the flood still open).
-			poll(10*time.Second, func() bool { return a.answers.Load() > 0 })
+			fixture.Poll(10*time.Second, 5*time.Millisecond, func() bool { return a.answers.Load() > 0 })
 			answersDuringFlood := a.answers.Load()
 			t.Logf("%s: %d connections tried in %v: %d established, %d refused with EAGAIN (slowest %v), %d timed out, %d failed; served at once: %d, at most %d (MaxConns %d); goroutines: %d before, %d during",
 				network, floodConns, dialed.Round(time.Millisecond), established, refused.Load(),
@@ -299,7 +254,7 @@ func TestHostileConnectionFlood(t *testing.T) {
 					c.Close()
 				}
 			}
-			if !poll(10*time.Second, func() bool { return g.ended.Load() >= established && g.open.Load() == 1 }) {
+			if !fixture.Poll(10*time.Second, 5*time.Millisecond, func() bool { return g.ended.Load() >= established && g.open.Load() == 1 }) {
 				t.Errorf("10s after the flood hung up: %d of its %d connections ended, %d served; want all ended and 1 served (the established client)",
 					g.ended.Load(), established, g.open.Load())
 			}
@@ -308,7 +263,7 @@ func TestHostileConnectionFlood(t *testing.T) {
 
 			// The established client was served during the flood, and is
 			// served after it.
-			poll(10*time.Second, func() bool { return a.answers.Load() > answersDuringFlood })
+			fixture.Poll(10*time.Second, 5*time.Millisecond, func() bool { return a.answers.Load() > answersDuringFlood })
 			if answers := a.stop(t); answersDuringFlood == 0 || answers == answersDuringFlood {
 				t.Errorf("established client answered %d times during the flood and %d in all, want answers all through", answersDuringFlood, answers)
 			}
@@ -431,7 +386,7 @@ func TestHostileIdleClients(t *testing.T) {
 			results[i] <- result{string(reply) + string(rest), err, time.Since(sent)}
 		})
 	}
-	if !poll(5*time.Second, func() bool { return g.open.Load() == int64(len(hostile)+1) }) {
+	if !fixture.Poll(5*time.Second, 5*time.Millisecond, func() bool { return g.open.Load() == int64(len(hostile)+1) }) {
 		t.Fatalf("%d connections served, want %d", g.open.Load(), len(hostile)+1)
 	}
 	// At the limit, a newcomer waits at most about one idle timeout: the
@@ -498,7 +453,7 @@ func TestHostileClientStopsReading(t *testing.T) {
 				_, err := c.Write(batch)
 				wrote <- err
 			}()
-			if !poll(10*time.Second, func() bool { return g.ended.Load() == 1 }) {
+			if !fixture.Poll(10*time.Second, 5*time.Millisecond, func() bool { return g.ended.Load() == 1 }) {
 				t.Fatalf("the connection of a client that never reads is still open after %v (write timeout %v)", time.Since(start), writeTimeout)
 			}
 			closed := time.Since(start)
@@ -628,7 +583,7 @@ func TestHostileDeclaredLengthAllocation(t *testing.T) {
 			send(t, c, "1048576:policy ")
 			c.Close()
 		}
-		if !poll(5*time.Second, func() bool { return g.ended.Load() == clients }) {
+		if !fixture.Poll(5*time.Second, 5*time.Millisecond, func() bool { return g.ended.Load() == clients }) {
 			t.Fatalf("%d of %d connections closed", g.ended.Load(), clients)
 		}
 		runtime.ReadMemStats(&after)
@@ -727,7 +682,7 @@ func TestHostilePipelinedFlood(t *testing.T) {
 		// The client reads nothing until the server stops answering: it
 		// must, once the socket buffers are full of replies.
 		last, still := int64(-1), 0
-		if !poll(10*time.Second, func() bool {
+		if !fixture.Poll(10*time.Second, 5*time.Millisecond, func() bool {
 			if n := calls.Load(); n != last {
 				last, still = n, 0
 			} else {
