@@ -36,8 +36,12 @@ type coldConfig struct {
 	stsmapKeys, bareKeys []string
 	dnsAddr              string // the DNS server the bare round trips ask
 	httpsPort            int
-	roots                *x509.CertPool
-	timeout              time.Duration
+	// bareAsStsmap makes the bare round trips ask every DNS question a
+	// first contact of stsmap asks, in the same pairs at once: TXT with
+	// MX (the DANE check), then A with AAAA (the policy host).
+	bareAsStsmap bool
+	roots        *x509.CertPool
+	timeout      time.Duration
 	// expect is the reply word stsmap must give; "" accepts any.
 	expect     socketmap.Word
 	maxErrShow int
@@ -236,7 +240,7 @@ func (cc *coldClient) close() {
 func bareRoundTrip(ctx context.Context, cfg coldConfig, domain string) (bareSteps, error) {
 	var s bareSteps
 	start := time.Now()
-	txt, err := dnsQuery(ctx, cfg, "_mta-sts."+domain, dns.TypeTXT)
+	txt, err := dnsQueryWith(ctx, cfg, "_mta-sts."+domain, dns.TypeTXT, domain, dns.TypeMX)
 	if err != nil {
 		return s, err
 	}
@@ -250,7 +254,7 @@ func bareRoundTrip(ctx context.Context, cfg coldConfig, domain string) (bareStep
 	s.TXT = t1.Sub(start)
 
 	host := "mta-sts." + domain
-	as, err := dnsQuery(ctx, cfg, host, dns.TypeA)
+	as, err := dnsQueryWith(ctx, cfg, host, dns.TypeA, host, dns.TypeAAAA)
 	if err != nil {
 		return s, err
 	}
@@ -305,6 +309,25 @@ func bareRoundTrip(ctx context.Context, cfg coldConfig, domain string) (bareStep
 		return s, fmt.Errorf("%s: not a policy: %q", host, trunc(body))
 	}
 	return s, nil
+}
+
+// dnsQueryWith is dnsQuery of name and qtype; with cfg.bareAsStsmap it asks
+// also, at the same time, for also's alsoType RRs, and waits for both (the
+// second answer is not used).
+func dnsQueryWith(ctx context.Context, cfg coldConfig, name string, qtype uint16, also string, alsoType uint16) ([]dns.RR, error) {
+	if !cfg.bareAsStsmap {
+		return dnsQuery(ctx, cfg, name, qtype)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := dnsQuery(ctx, cfg, also, alsoType)
+		done <- err
+	}()
+	rrs, err := dnsQuery(ctx, cfg, name, qtype)
+	if err2 := <-done; err == nil && err2 != nil {
+		err = err2
+	}
+	return rrs, err
 }
 
 // dnsQuery asks cfg.dnsAddr for name's qtype RRs over a fresh UDP socket,

@@ -354,9 +354,20 @@ func TestBareRoundTrip(t *testing.T) {
 	if got := fx.Policy.Fetches(); got != 1 {
 		t.Errorf("%d policy fetches, want 1", got)
 	}
-	for name, q := range map[string]int{"_mta-sts." + fx.Domains[3]: 1, "mta-sts." + fx.Domains[3]: 1} {
+	for name, q := range map[string]int{"_mta-sts." + fx.Domains[3]: 1, "mta-sts." + fx.Domains[3]: 1, fx.Domains[3]: 0} {
 		if got := fx.DNS.QueriesFor(name); got != q {
 			t.Errorf("%d queries for %s, want %d", got, name, q)
+		}
+	}
+	// As stsmap: MX beside TXT, AAAA beside A.
+	as := cfg
+	as.bareAsStsmap = true
+	if _, err := bareRoundTrip(ctx, as, fx.Domains[2]); err != nil {
+		t.Fatal(err)
+	}
+	for name, q := range map[string]int{"_mta-sts." + fx.Domains[2]: 1, "mta-sts." + fx.Domains[2]: 2, fx.Domains[2]: 1} {
+		if got := fx.DNS.QueriesFor(name); got != q {
+			t.Errorf("-bare-as-stsmap: %d queries for %s, want %d", got, name, q)
 		}
 	}
 

@@ -159,6 +159,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	warm := fs.Bool("warm", false, "send every -keys key once, -c at a time, and count the replies")
 	cold := fs.Bool("cold", false, "time stsmap's first-contact lookups against bare DNS+TLS+HTTP round trips, one at a time (-n pairs from -keys)")
 	httpsPort := fs.Int("https-port", 443, "-cold: port of the policy hosts for the bare round trips")
+	bareAsStsmap := fs.Bool("bare-as-stsmap", false, "-cold: the bare round trips ask the DNS questions stsmap asks, two at a time (TXT with MX, A with AAAA)")
 	caPath := fs.String("ca", "", "-cold: `PEM file` of the CA the policy hosts' certificates chain to (default: the system roots)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -200,7 +201,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 				pairs = int(*n)
 			}
 			return runColdMode(coldConfig{
-				addr: *addr, mapName: *mapName, dnsAddr: *dnsAddr, httpsPort: *httpsPort,
+				addr: *addr, mapName: *mapName, dnsAddr: *dnsAddr, httpsPort: *httpsPort, bareAsStsmap: *bareAsStsmap,
 				timeout: *timeout, expect: socketmap.Word(cmp.Or(*expectWord, string(socketmap.WordOK))), maxErrShow: maxErrorsShown,
 			}, keys, pairs, *caPath, *jsonOut, stdout, stderr)
 		}

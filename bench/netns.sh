@@ -10,7 +10,8 @@
 # 4000 domains, then measures cached hits at 8 and 64 connections, parent
 # keys and IP literals at 8 connections, each in ROUNDS rounds alternating
 # floor and stsmap so that drift on a shared machine hits both alike, and
-# finally 2 x 200 cold lookups against the bare round trips. Raw JSON goes to
+# finally 2 x 200 cold lookups against the bare round trips, and 100 against
+# bare round trips that ask the DNS questions stsmap asks. Raw JSON goes to
 # OUTDIR (default: a temporary directory), the summary to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,7 @@ for _ in $(seq 100); do grep -q 'stsmap serving' "$out/stsmap.log" && break; sle
 head -n 4000 "$out/fix/keys-hit.txt" > "$out/warm.txt"
 sed -n 4001,4400p "$out/fix/keys-hit.txt" > "$out/cold1.txt"
 sed -n 4401,4800p "$out/fix/keys-hit.txt" > "$out/cold2.txt"
+sed -n 4801,5000p "$out/fix/keys-hit.txt" > "$out/cold3.txt"
 
 echo "== warm: 4000 domains, first contact"
 inns "$out/bench" -warm -addr 127.0.0.1:8461 -keys "$out/warm.txt" -c 16 -expect OK | grep -E 'replies|errors|duration'
@@ -93,4 +95,6 @@ echo "== cold: first-contact lookups against the bare round trips (200 pairs eac
 for f in cold1 cold2; do
   inns "$out/bench" -cold -addr 127.0.0.1:8461 -keys "$out/$f.txt" -n 200 -dns 127.0.0.1:53 -https-port 443 -ca "$out/fix/ca.pem" | grep -E '^(stsmap|bare|ratio|errors)'
 done
+echo "== cold, the bare round trips asking the DNS questions stsmap asks (TXT with MX, A with AAAA; 100 pairs)"
+inns "$out/bench" -cold -bare-as-stsmap -addr 127.0.0.1:8461 -keys "$out/cold3.txt" -n 100 -dns 127.0.0.1:53 -https-port 443 -ca "$out/fix/ca.pem" | grep -E '^(stsmap|bare|ratio|errors)'
 echo "== stsmap warnings and errors logged: $(grep -c 'level=WARN\|level=ERROR' "$out/stsmap.log" || true)"
