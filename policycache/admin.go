@@ -183,9 +183,9 @@ func (c *Cache) deleteStored(ctx context.Context, domain string) error {
 	return nil
 }
 
-// enter registers an admin operation with Close, as discoverAsync does a
-// discovery, so that Close waits for it and the store outlives it. It
-// reports false once the cache is closed.
+// enter registers a discovery or an admin operation with Close, so that
+// Close waits for it and the store outlives it. It reports false once the
+// cache is closed.
 func (c *Cache) enter() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()

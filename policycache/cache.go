@@ -332,14 +332,10 @@ func (c *Cache) Close() {
 // by the fetch timeout (SPEC 4.6).
 func (c *Cache) discoverAsync(domain string) <-chan *Entry {
 	out := make(chan *Entry, 1)
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
+	if !c.enter() {
 		out <- &Entry{Domain: domain, Reason: ReasonPending, Fetched: c.cfg.Now()}
 		return out
 	}
-	c.wg.Add(1)
-	c.mu.Unlock()
 	go func() {
 		defer c.wg.Done()
 		v, _, _ := c.group.Do(domain, func() (any, error) {

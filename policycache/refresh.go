@@ -145,18 +145,14 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 	case err == nil:
 		// A new id: fetch the new policy, unless that (domain, id) failed
 		// within the back-off (SPEC 4.7).
-		if old.FailedID == rec.ID && now.Sub(old.FailedAt) < FailureBackoff {
-			c.scheduleAt(old, old.FailedAt.Add(FailureBackoff))
-			c.cfg.Observer.Refresh(RefreshBackoff)
+		if c.backedOff(old, rec.ID, now) {
 			return old
 		}
 		p, ferr := c.src.FetchPolicy(ctx, domain)
 		if ferr != nil {
 			return c.refreshFailed(ctx, old, rec.ID, now, "policy fetch for a new id failed", ferr)
 		}
-		now = c.cfg.Now()
-		n := &Entry{Domain: domain, ID: rec.ID, Policy: p, Reason: ReasonPolicy, Fetched: now, Checked: now, Expires: now.Add(p.MaxAge)}
-		n.LastUsed.Store(old.LastUsed.Load())
+		n := c.fetched(old, rec.ID, p)
 		c.log.Info("MTA-STS policy changed", "domain", domain, "old_policy_id", old.ID, "policy_id", rec.ID,
 			"mode", string(p.Mode), "max_age", p.MaxAge.Seconds(), "mx", mxSummary(p.MX))
 		c.commit(ctx, n)
@@ -177,24 +173,41 @@ func (c *Cache) refresh(ctx context.Context, old *Entry, now time.Time) *Entry {
 		c.cfg.Observer.Refresh(RefreshKept)
 		return old
 	}
-	// SPEC 4.7: no second fetch of this id within the back-off; a failed
-	// TXT lookup (FailedID "") is no failed fetch and delays nothing.
-	if old.FailedID == old.ID && now.Sub(old.FailedAt) < FailureBackoff {
-		c.scheduleAt(old, old.FailedAt.Add(FailureBackoff))
-		c.cfg.Observer.Refresh(RefreshBackoff)
+	// A failed TXT lookup (FailedID "") is no failed fetch and delays
+	// nothing.
+	if c.backedOff(old, old.ID, now) {
 		return old
 	}
 	p, ferr := c.src.FetchPolicy(ctx, domain)
 	if ferr != nil {
 		return c.refreshFailed(ctx, old, old.ID, now, "policy renewal over HTTPS failed after the TXT lookup failed", ferr)
 	}
-	now = c.cfg.Now()
-	n := &Entry{Domain: domain, ID: old.ID, Policy: p, Reason: ReasonPolicy, Fetched: now, Checked: now, Expires: now.Add(p.MaxAge)}
-	n.LastUsed.Store(old.LastUsed.Load())
+	n := c.fetched(old, old.ID, p)
 	c.log.Info("MTA-STS policy renewed over HTTPS without its TXT record", "domain", domain, "policy_id", old.ID,
 		"mode", string(p.Mode), "txt_err", bounded(err))
 	c.commit(ctx, n)
 	c.cfg.Observer.Refresh(RefreshRenewedHTTPS)
+	return n
+}
+
+// backedOff reports whether a fetch of the policy of id failed within the
+// back-off (SPEC 4.7: not fetched again for FailureBackoff), and if so
+// schedules old's refresh for when it ends.
+func (c *Cache) backedOff(old *Entry, id string, now time.Time) bool {
+	if old.FailedID != id || now.Sub(old.FailedAt) >= FailureBackoff {
+		return false
+	}
+	c.scheduleAt(old, old.FailedAt.Add(FailureBackoff))
+	c.cfg.Observer.Refresh(RefreshBackoff)
+	return true
+}
+
+// fetched is the entry of policy p of id, just fetched by a refresh of
+// old: a new lifetime from now (SPEC 6.2), old's last use kept.
+func (c *Cache) fetched(old *Entry, id string, p *resolver.Policy) *Entry {
+	now := c.cfg.Now()
+	n := &Entry{Domain: old.Domain, ID: id, Policy: p, Reason: ReasonPolicy, Fetched: now, Checked: now, Expires: now.Add(p.MaxAge)}
+	n.LastUsed.Store(old.LastUsed.Load())
 	return n
 }
 

@@ -410,3 +410,26 @@ func TestRefreshTXTFailureRenewsShortPolicy(t *testing.T) {
 		}
 	})
 }
+
+// A policy whose max_age is shorter than the least time between two
+// refreshes of a longer one (a minute) is renewed before it expires all
+// the same (SPEC 6.2, 6.4): near expiry, refreshes come a quarter of its
+// max_age apart.
+func TestRefreshRenewsVeryShortPolicy(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const maxAge = time.Minute // renew_before = 30s
+		src := &fakeSource{record: resolver.Record{ID: "id1"}, policy: policyWithMX("mx.example", maxAge)}
+		c := newTestCache(t, src, refreshConfig()) // refresh.interval 1h
+		lookupMX(t, c, "example.com")
+		for elapsed := time.Duration(0); elapsed < 5*maxAge; elapsed += 5 * time.Second {
+			time.Sleep(5 * time.Second)
+			synctest.Wait()
+			if got := lookupMX(t, c, "example.com"); got != "mx.example" {
+				t.Fatalf("%v after it was learned: got %q, want the policy renewed (TXT lookups: %d)", elapsed, got, src.lookups.Load())
+			}
+		}
+		if got := src.fetches.Load(); got != 1 {
+			t.Errorf("fetches: got %d, want 1 (renewals with an unchanged id fetch nothing)", got)
+		}
+	})
+}
