@@ -2,6 +2,7 @@ package resolver
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -34,6 +35,14 @@ const (
 	// through a CNAME are remote-controlled (SPEC 8.3).
 	maxErrNameLen = 100
 )
+
+// udpReadBufs holds the maxUDPReply-byte buffers that UDP replies are read
+// into, so that a query does not allocate 64 KiB for a reply that is
+// usually smaller than ednsUDPSize.
+var udpReadBufs = sync.Pool{New: func() any {
+	buf := make([]byte, maxUDPReply)
+	return &buf
+}}
 
 // DNS sends queries to the configured recursive nameservers with
 // github.com/miekg/dns, never through Go's default resolver, so that
@@ -412,7 +421,9 @@ func (d *DNS) exchangeOnce(ctx context.Context, network, server, qname string, q
 		if _, err := conn.Write(wire); err != nil {
 			return nil, d.ioError(ctx, fail, network, server, err)
 		}
-		buf := make([]byte, maxUDPReply)
+		bufp := udpReadBufs.Get().(*[]byte)
+		defer udpReadBufs.Put(bufp)
+		buf := *bufp
 		for {
 			n, err := conn.Read(buf)
 			if err != nil {
@@ -422,7 +433,9 @@ func (d *DNS) exchangeOnce(ctx context.Context, network, server, qname string, q
 			// §9.1): drop it and keep waiting, so that spoofed or late
 			// datagrams can neither answer nor fail the query.
 			if n >= 2 && binary.BigEndian.Uint16(buf) == query.Id {
-				raw = buf[:n]
+				// A copy of the datagram's size, so that nothing
+				// unpacked from it can share the pooled buffer.
+				raw = bytes.Clone(buf[:n])
 				break
 			}
 		}

@@ -264,11 +264,11 @@ func splitPolicyLine(line string) (key, value, reason string) {
 // policyKeyValid reports whether key matches sts-policy-ext-name (RFC 8461
 // §3.2), which every known key also matches.
 func policyKeyValid(key string) bool {
-	if key == "" || len(key) > maxPolicyKeyLen || !policyIsAlnum(key[0]) {
+	if key == "" || len(key) > maxPolicyKeyLen || !isAlnum(key[0]) {
 		return false
 	}
 	for i := 1; i < len(key); i++ {
-		if c := key[i]; !policyIsAlnum(c) && c != '_' && c != '-' && c != '.' {
+		if !isExtNameChar(key[i]) {
 			return false
 		}
 	}
@@ -354,11 +354,11 @@ func checkLDHName(name string) string {
 			return "empty label"
 		case len(label) > maxLDHLabelLen:
 			return fmt.Sprintf("label longer than %d characters", maxLDHLabelLen)
-		case !policyIsAlnum(label[0]) || !policyIsAlnum(label[len(label)-1]):
+		case !isAlnum(label[0]) || !isAlnum(label[len(label)-1]):
 			return "label starts or ends with a character other than a letter or digit"
 		}
 		for i := 1; i < len(label)-1; i++ {
-			if c := label[i]; !policyIsAlnum(c) && c != '-' {
+			if c := label[i]; !isAlnum(c) && c != '-' {
 				return "character " + strconv.QuoteRuneToASCII(rune(c)) + " not allowed in a host name"
 			}
 		}
@@ -410,18 +410,9 @@ func (w *policyWarnings) list() []string {
 // policyQuote quotes a remote value for an error or warning: escaped to
 // printable ASCII and cut to maxPolicyQuote bytes first, with "..." when cut
 // (SPEC 8.3).
-func policyQuote(s string) string {
-	if len(s) <= maxPolicyQuote {
-		return strconv.QuoteToASCII(s)
-	}
-	return strconv.QuoteToASCII(s[:maxPolicyQuote]) + "..."
-}
+func policyQuote(s string) string { return clipQuote(s, maxPolicyQuote) }
 
 // policyTrimWSP trims WSP (SP and HTAB, RFC 5234) from both ends.
 func policyTrimWSP(s string) string {
 	return strings.Trim(s, " \t")
-}
-
-func policyIsAlnum(c byte) bool {
-	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
 }

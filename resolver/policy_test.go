@@ -294,7 +294,7 @@ func checkPolicyInvariants(t *testing.T, p *Policy, body []byte) {
 			t.Errorf("mx %q is not a valid pattern (IP literal %v, %q)", mx, isIP, reason)
 		}
 		for i := 0; i < len(mx); i++ {
-			if c := mx[i]; !policyIsAlnum(c) && c != '-' && c != '.' && !(i == 0 && c == '*') {
+			if c := mx[i]; !isAlnum(c) && c != '-' && c != '.' && !(i == 0 && c == '*') {
 				t.Errorf("mx %q has byte %q", mx, c)
 			}
 		}

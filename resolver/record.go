@@ -3,6 +3,7 @@ package resolver
 import (
 	"fmt"
 	"strconv"
+	"strings"
 )
 
 // The _mta-sts TXT record (RFC 8461 §3.1, SPEC 3.2 and 3.3):
@@ -47,7 +48,7 @@ const maxExtNameLen = 32
 // the string (SPEC 3.2, RFC 8461 §3.1 "Records that do not begin with
 // v=STSv1; are discarded"). "v=STSv10;" is not a candidate.
 func IsCandidate(txt string) bool {
-	if len(txt) < len(stsVersion) || txt[:len(stsVersion)] != stsVersion {
+	if !strings.HasPrefix(txt, stsVersion) {
 		return false
 	}
 	i := recordSkipWSP(txt, len(stsVersion))
@@ -85,7 +86,7 @@ func SelectRecord(txts []string) (Record, error) {
 // ID is a substring of txt.
 func ParseRecord(txt string) (Record, error) {
 	// RFC 8461 §3.1: the record starts with sts-version, case-sensitive.
-	if len(txt) < len(stsVersion) || txt[:len(stsVersion)] != stsVersion {
+	if !strings.HasPrefix(txt, stsVersion) {
 		return Record{}, recordError(txt, 0, "does not start with v=STSv1")
 	}
 	var id string
@@ -110,7 +111,7 @@ func ParseRecord(txt string) (Record, error) {
 
 		// sts-field: name "=" value, no WSP around "=" (SPEC 3.3).
 		nameEnd := j
-		for nameEnd < len(txt) && recordIsNameChar(txt[nameEnd]) {
+		for nameEnd < len(txt) && isExtNameChar(txt[nameEnd]) {
 			nameEnd++
 		}
 		name := txt[j:nameEnd]
@@ -119,7 +120,7 @@ func ParseRecord(txt string) (Record, error) {
 			// Covers ";;" (an empty field, invalid per the ABNF) and
 			// any field starting with a character no name can start with.
 			return Record{}, recordError(txt, j, "expected a field name")
-		case !recordIsAlnum(name[0]):
+		case !isAlnum(name[0]):
 			// RFC 8461 §3.1 sts-ext-name starts with ALPHA / DIGIT.
 			return Record{}, recordError(txt, j, "field name must start with a letter or digit")
 		case len(name) > maxExtNameLen:
@@ -187,13 +188,16 @@ func recordSkipWSP(s string, i int) int {
 	return i
 }
 
-func recordIsAlnum(c byte) bool {
+// isAlnum reports whether c is an ASCII letter or digit (ALPHA / DIGIT,
+// RFC 5234), for the record and policy grammars alike.
+func isAlnum(c byte) bool {
 	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
 }
 
-// recordIsNameChar: RFC 8461 §3.1 sts-ext-name after its first character.
-func recordIsNameChar(c byte) bool {
-	return recordIsAlnum(c) || c == '_' || c == '-' || c == '.'
+// isExtNameChar: RFC 8461 §3.1 sts-ext-name after its first character, the
+// same set as §3.2 sts-policy-ext-name.
+func isExtNameChar(c byte) bool {
+	return isAlnum(c) || c == '_' || c == '-' || c == '.'
 }
 
 // recordIsValueChar: RFC 8461 §3.1 sts-ext-value, %x21-3A / %x3C / %x3E-7E.
@@ -207,7 +211,7 @@ func recordIsID(s string) bool {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
-		if !recordIsAlnum(s[i]) {
+		if !isAlnum(s[i]) {
 			return false
 		}
 	}
