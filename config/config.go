@@ -385,13 +385,13 @@ func (c *Config) validate() []*configError {
 		e.at = append(e.at, "fetch.timeout") // the file may set only fetch.timeout
 	}
 
-	if c.Cache.Size < 1 {
+	cc := c.Cache
+	if cc.Size < 1 {
 		add("cache.size", "must be at least 1")
 	}
-	if c.Cache.NegativeTTL < 0 {
+	if cc.NegativeTTL < 0 {
 		add("cache.negative_ttl", "must not be negative (0 disables it)")
 	}
-	cc := c.Cache
 	switch cc.Store {
 	case "bolt", "redis", "memory":
 	default:

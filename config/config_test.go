@@ -30,6 +30,29 @@ func TestDefaultIsValid(t *testing.T) {
 	}
 }
 
+// The defaults SPEC names: TestExampleIsDefault keeps the example equal to
+// Default, this keeps Default equal to SPEC.
+func TestDefaultsFollowSpec(t *testing.T) {
+	c := Default()
+	if got, want := c.Listen, []string{"127.0.0.1:8461"}; !slices.Equal(got, want) {
+		t.Errorf("Listen = %q, want %q (SPEC 1.5)", got, want)
+	}
+	if got, want := c.Socketmap.MaxRequestSize, 10000; got != want {
+		t.Errorf("Socketmap.MaxRequestSize = %d, want %d (SPEC 1.1)", got, want)
+	}
+	if got, want := c.Fetch.FirstContactTimeout, 5*time.Second; got != want {
+		t.Errorf("Fetch.FirstContactTimeout = %v, want %v (SPEC 4.6)", got, want)
+	}
+	if got := c.Fetch.Timeout; got < 30*time.Second || got > 60*time.Second {
+		t.Errorf("Fetch.Timeout = %v, want 30s to 60s (SPEC 4.6)", got)
+	}
+	// Strict testing and TLSRPT attributes are off, servername on, until a
+	// map name switches them (SPEC 7.2, 7.3, 7.4).
+	if got, want := c.MapSettings("postfix"), (MapSettings{StrictTesting: false, Servername: true, TLSRPT: false}); got != want {
+		t.Errorf("MapSettings(postfix) = %+v, want %+v (SPEC 7.2-7.4)", got, want)
+	}
+}
+
 func TestEmptyIsDefault(t *testing.T) {
 	for _, input := range []string{
 		"",
@@ -281,6 +304,19 @@ func TestMapSettingsOfChangedConfig(t *testing.T) {
 	var zero Config
 	if got, want := zero.MapSettings("postfix"), builtinMapSettings; got != want {
 		t.Errorf("Config{}.MapSettings(postfix) = %+v, want %+v", got, want)
+	}
+}
+
+// MapSettings is asked on every lookup; its doc promises no allocation.
+func TestMapSettingsDoesNotAllocate(t *testing.T) {
+	c, err := Parse([]byte("maps:\n  postfix: {strict_testing: true}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"postfix", "unknown", "*"} {
+		if allocs := testing.AllocsPerRun(100, func() { c.MapSettings(name) }); allocs != 0 {
+			t.Errorf("MapSettings(%q): %v allocations, want 0", name, allocs)
+		}
 	}
 }
 

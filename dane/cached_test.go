@@ -52,3 +52,31 @@ func TestCached(t *testing.T) {
 		}
 	})
 }
+
+// A cache hit keeps its result in the LRU list: with room for two results,
+// the one used since is kept and the other is evicted by a third. Recency
+// is kept to the minute (cached), so the checks are a minute apart.
+func TestCacheHitKeepsEntry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newFakeResolver()
+		for _, d := range []string{"a.example", "b.example", "c.example"} {
+			r.daneDomain(d, 400*time.Second)
+		}
+		c := newFakeChecker(t, r, Config{Size: 2})
+		for _, d := range []string{"a.example", "b.example", "a.example", "c.example"} {
+			time.Sleep(61 * time.Second)
+			if lvl, err := c.Check(t.Context(), d, 25, false); lvl != DaneOnly || err != nil {
+				t.Fatalf("Check(%s) = %v, %v; want dane-only, nil", d, lvl, err)
+			}
+		}
+		if _, ok, _ := c.Cached("a.example", 25, false); !ok {
+			t.Error("Cached(a.example), used after b.example: evicted")
+		}
+		if _, ok, _ := c.Cached("b.example", 25, false); ok {
+			t.Error("Cached(b.example), the least recently used: still cached")
+		}
+		if n := r.count("MX a.example"); n != 1 {
+			t.Errorf("MX lookups of a.example = %d, want 1", n)
+		}
+	})
+}

@@ -105,8 +105,10 @@ type Config struct {
 	// MaxTTL below MinTTL is raised to MinTTL.
 	MinTTL, MaxTTL time.Duration
 	// Size is the number of results cached (0: 100000).
-	Size   int
-	Now    func() time.Time
+	Size int
+	// Now is the clock (nil: time.Now).
+	Now func() time.Time
+	// Logger gets level changes and failed lookups (nil: slog.Default()).
 	Logger *slog.Logger
 }
 
@@ -460,6 +462,7 @@ func (c *Checker) commit(q query, o outcome) *entry {
 		}
 		if hadOld && !old.failed && now.Before(old.expires) {
 			kept := &entry{level: old.level, err: old.err, expires: old.expires, refreshAt: now.Add(failureTTL)}
+			kept.used.Store(now.Unix()) // Add puts it at the front of the LRU list
 			c.entries.Add(q, kept)
 			return kept
 		}
@@ -473,6 +476,7 @@ func (c *Checker) commit(q query, o outcome) *entry {
 	if o.level == Temp {
 		e.err = ErrTLSALookup
 	}
+	e.used.Store(now.Unix()) // Add puts it at the front of the LRU list
 	c.entries.Add(q, e)
 
 	oldLevel := None

@@ -47,11 +47,22 @@ func wantQueries(t *testing.T, d *fixture.DNS, name string, want int) {
 
 // twoMX publishes example.com with MX hosts mx1 and mx2.example.com.
 func twoMX(t *testing.T, d *fixture.DNS) {
+	t.Helper()
 	d.Add(t,
 		`example.com. 300 IN MX 10 mx1.example.com.`,
 		`example.com. 300 IN MX 20 mx2.example.com.`,
 		`mx1.example.com. 300 IN A 192.0.2.1`,
 		`mx2.example.com. 300 IN A 192.0.2.2`)
+}
+
+// twoMXWithTLSA publishes twoMX and a usable TLSA record for port at each
+// of the two hosts.
+func twoMXWithTLSA(t *testing.T, d *fixture.DNS, port int) {
+	t.Helper()
+	twoMX(t, d)
+	for _, h := range []string{"mx1.example.com", "mx2.example.com"} {
+		d.Add(t, tlsa(fmt.Sprintf("_%d._tcp.%s", port, h)))
+	}
 }
 
 func TestCheck(t *testing.T) {
@@ -69,8 +80,7 @@ func TestCheck(t *testing.T) {
 		{
 			name: "every MX host has usable TLSA",
 			setup: func(t *testing.T, d *fixture.DNS) {
-				twoMX(t, d)
-				d.Add(t, tlsa("_25._tcp.mx1.example.com"), tlsa("_25._tcp.mx2.example.com"))
+				twoMXWithTLSA(t, d, 25)
 				d.SetAuthentic("example.com", true)
 			},
 			want: DaneOnly,
@@ -123,8 +133,7 @@ func TestCheck(t *testing.T) {
 		{
 			name: "MX not authenticated: no TLSA lookups",
 			setup: func(t *testing.T, d *fixture.DNS) {
-				twoMX(t, d)
-				d.Add(t, tlsa("_25._tcp.mx1.example.com"), tlsa("_25._tcp.mx2.example.com"))
+				twoMXWithTLSA(t, d, 25)
 			},
 			want: None,
 			check: func(t *testing.T, d *fixture.DNS) {
@@ -144,8 +153,7 @@ func TestCheck(t *testing.T) {
 		{
 			name: "TLSA SERVFAIL",
 			setup: func(t *testing.T, d *fixture.DNS) {
-				twoMX(t, d)
-				d.Add(t, tlsa("_25._tcp.mx1.example.com"), tlsa("_25._tcp.mx2.example.com"))
+				twoMXWithTLSA(t, d, 25)
 				d.SetAuthentic("example.com", true)
 				d.SetRcode("_25._tcp.mx2.example.com", dns.TypeTLSA, dns.RcodeServerFailure)
 			},
@@ -247,8 +255,7 @@ func TestCheck(t *testing.T) {
 		{
 			name: "MX SERVFAIL",
 			setup: func(t *testing.T, d *fixture.DNS) {
-				twoMX(t, d)
-				d.Add(t, tlsa("_25._tcp.mx1.example.com"), tlsa("_25._tcp.mx2.example.com"))
+				twoMXWithTLSA(t, d, 25)
 				d.SetAuthentic("example.com", true)
 				d.SetRcode("example.com", dns.TypeMX, dns.RcodeServerFailure)
 			},
@@ -284,8 +291,7 @@ func TestCheck(t *testing.T) {
 		{
 			name: "domain on port 587",
 			setup: func(t *testing.T, d *fixture.DNS) {
-				twoMX(t, d)
-				d.Add(t, tlsa("_587._tcp.mx1.example.com"), tlsa("_587._tcp.mx2.example.com"))
+				twoMXWithTLSA(t, d, 587)
 				d.SetAuthentic("example.com", true)
 			},
 			port: 587,
@@ -294,8 +300,7 @@ func TestCheck(t *testing.T) {
 		{
 			name: "next hop in upper case with a trailing dot",
 			setup: func(t *testing.T, d *fixture.DNS) {
-				twoMX(t, d)
-				d.Add(t, tlsa("_25._tcp.mx1.example.com"), tlsa("_25._tcp.mx2.example.com"))
+				twoMXWithTLSA(t, d, 25)
 				d.SetAuthentic("example.com", true)
 			},
 			nexthop: "Example.COM.",

@@ -50,8 +50,8 @@ func (f fakeSource) FetchPolicy(ctx context.Context, domain string) (*resolver.P
 	return d.policy, d.fetchErr
 }
 
-// fakeDANE answers a fixed level per next hop, dane.None for the others.
-// fakeDANE answers every level from its cache, as dane.Checker does once a
+// fakeDANE answers a fixed level per next hop, dane.None for the others,
+// and answers every level from its cache, as dane.Checker does once a
 // domain is known: the handler then begins no MTA-STS lookup alongside a
 // DANE check (policycache.Cache.Begin), which would add a discovery of each
 // DANE domain to the counts this test checks.
