@@ -2,9 +2,7 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"log/slog"
 
 	"stsmap/policymap"
@@ -29,7 +27,7 @@ func runQuery(ctx context.Context, args []string, e *env) int {
 		fmt.Fprintf(e.stderr, "stsmap: %v\n", err)
 		return exitUsage
 	}
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	log := slog.New(slog.DiscardHandler)
 	if *verbose {
 		log = newLogger(cfg, e.stderr)
 	}
@@ -50,9 +48,7 @@ func runQuery(ctx context.Context, args []string, e *env) int {
 	}
 	r := h.Explain(ctx, fs.Arg(0), policymap.Settings(cfg.MapSettings(*mapName)))
 	if *asJSON {
-		enc := json.NewEncoder(e.stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(r); err != nil {
+		if err := printJSON(e, r); err != nil {
 			fmt.Fprintf(e.stderr, "stsmap: %v\n", err)
 			return exitUsage
 		}

@@ -78,7 +78,7 @@ func Decode(b []byte) (*policycache.Entry, error) {
 	}
 	var r record
 	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("%w: %s", ErrCorrupt, clipErr(err))
+		return nil, fmt.Errorf("%w: %s", ErrCorrupt, bound(err.Error()))
 	}
 	if err := r.check(); err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, clip(r.Domain), err)
@@ -136,13 +136,16 @@ func clip(s string) string {
 	return fmt.Sprintf("%q", s)
 }
 
-// clipErr bounds an error's text (SPEC 8.3): encoding/json and time quote
-// the offending value whole, and a damaged record's value may be large.
-func clipErr(err error) string {
-	const maxLen = 200
-	s := err.Error()
-	if len(s) > maxLen {
-		s = s[:maxLen] + "..."
+// maxLogText bounds error text and text from a store in an error message
+// or log line (SPEC 8.3).
+const maxLogText = 200
+
+// bound limits text from a record, from Redis or from an error (SPEC 8.3):
+// encoding/json and time quote the offending value whole, and a damaged
+// record's value may be large.
+func bound(s string) string {
+	if len(s) > maxLogText {
+		return s[:maxLogText] + "..."
 	}
 	return s
 }

@@ -33,8 +33,6 @@ const (
 	// Load scans with this COUNT hint and reads values in MGETs this long.
 	redisScanCount = 1000
 	redisMGetBatch = 500
-	// redisMaxLogText bounds error text in a log line (SPEC 8.3).
-	redisMaxLogText = 200
 )
 
 // errRedisDown is returned by every call while the breaker is open.
@@ -589,14 +587,6 @@ func escapeGlob(s string) string {
 		b.WriteByte(s[i])
 	}
 	return b.String()
-}
-
-// bound limits text from Redis or an error in a log line (SPEC 8.3).
-func bound(s string) string {
-	if len(s) > redisMaxLogText {
-		return s[:redisMaxLogText] + "..."
-	}
-	return s
 }
 
 // debugLogger routes go-redis's own messages to slog at debug level.

@@ -507,3 +507,27 @@ func TestRedisCloseLeavesNoGoroutine(t *testing.T) {
 		return runtime.NumGoroutine() <= before
 	})
 }
+
+// SPEC 8.3: a record's key and its decode error are logged bounded.
+func TestRedisLogsBounded(t *testing.T) {
+	s := startRedis(t)
+	r, logs := openTestRedis(t, s, "t:")
+	ctx := context.Background()
+	domain := strings.Repeat("a", 10000)
+	val := `{"v":1,"domain":"` + strings.Repeat("b", 10000) + `","fetched":"` + strings.Repeat("x", 10000) + `"}`
+	if err := s.raw().Set(ctx, "t:policy:"+domain, val, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := r.Get(ctx, domain); got != nil || err != nil {
+		t.Fatalf("Get = %v, %v; want nil, nil", got, err)
+	}
+	out := logs.String()
+	if !strings.Contains(out, "dropping undecodable policy record") {
+		t.Fatalf("no warning about the undecodable record:\n%.2000s", out)
+	}
+	for line := range strings.Lines(out) {
+		if len(line) > 1024 {
+			t.Errorf("log line of %d bytes, want at most 1024: %.300s...", len(line), line)
+		}
+	}
+}
