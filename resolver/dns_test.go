@@ -583,6 +583,24 @@ func TestLookupTXTMismatchedID(t *testing.T) {
 	}
 }
 
+// A reply with the right ID but another opcode is no answer to our query
+// (RFC 1035 §4.1.1): the lookup fails instead of using its records.
+func TestLookupTXTWrongOpcode(t *testing.T) {
+	const name = "_mta-sts.example.com"
+	s := newTestDNSServer(t)
+	s.SetHandler(name, func(req *dns.Msg) *dns.Msg {
+		m := new(dns.Msg).SetReply(req)
+		m.Opcode = dns.OpcodeNotify
+		m.Answer = []dns.RR{mustRR(t, `_mta-sts.example.com. 300 IN TXT "v=STSv1; id=notify"`)}
+		return m
+	})
+	got, _, err := newTestDNS(200*time.Millisecond, s).LookupTXT(t.Context(), name)
+	wantLookupErr(t, err, ErrDNS)
+	if got != nil {
+		t.Errorf("LookupTXT = %q, want nothing", got)
+	}
+}
+
 // TestLookupTXTContext: the caller's ctx bounds the whole lookup, even
 // with a long per-attempt timeout; its error stays visible to errors.Is.
 func TestLookupTXTContext(t *testing.T) {

@@ -533,3 +533,29 @@ func TestFetchClip(t *testing.T) {
 		}
 	}
 }
+
+// SPEC 2.2, 4.1, 4.2: a domain given in upper case is fetched from the
+// lowercase policy host, which is also the name resolved and the SNI.
+func TestFetchLowercasesDomain(t *testing.T) {
+	var (
+		mu  sync.Mutex
+		sni string
+	)
+	ft := newFetchTest(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		sni = r.TLS.ServerName
+		mu.Unlock()
+		servePolicy("text/plain", testPolicy)(w, r)
+	}), testFetchCerts(t).good, nil)
+	if _, err := ft.fetcher.Fetch(t.Context(), strings.ToUpper(testFetchDomain)); err != nil {
+		t.Fatalf("Fetch(%q): %v", strings.ToUpper(testFetchDomain), err)
+	}
+	if got, want := ft.hosts.Asked(), []string{testFetchHost}; !slices.Equal(got, want) {
+		t.Errorf("resolved %q, want %q", got, want)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if sni != testFetchHost {
+		t.Errorf("SNI: got %q, want %q", sni, testFetchHost)
+	}
+}
