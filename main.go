@@ -286,6 +286,7 @@ func serve(ctx context.Context, cfg *config.Config, path string, e *env) int {
 		Settings:    func(name string) policymap.Settings { return policymap.Settings(current.Load().MapSettings(name)) },
 		DANETimeout: cfg.Fetch.FirstContactTimeout,
 		Logger:      log,
+		HotSize:     cfg.Cache.Size, // a reply kept ready per cached domain
 	}
 	if cfg.DANE == "auto" {
 		checker := newDANE(res, log)

@@ -23,6 +23,7 @@ import (
 	"stsmap/policycache"
 	"stsmap/policystore"
 	"stsmap/resolver"
+	"stsmap/socketmap"
 )
 
 // Persistence and fleets, with stsmap as a real process that is killed and
@@ -332,6 +333,42 @@ func BenchmarkHeapPerPolicy100k(b *testing.B) {
 		stop()
 	}
 	b.ReportMetric(perPolicy, "heap_bytes/policy")
+}
+
+// BenchmarkHeapPerDomainAsked100k is BenchmarkHeapPerPolicy100k once
+// Postfix has asked for every domain, twice: the heap then also holds each
+// domain's rendered answer and its reply kept ready (policymap's hot
+// table). DANE is off: its cache is a cost of its own.
+func BenchmarkHeapPerDomainAsked100k(b *testing.B) {
+	const n = 100000
+	cfg, sock := storedConfig(b, n)
+	cfg.DANE = "off"
+	var perDomain float64
+	for b.Loop() {
+		before := heapInUse()
+		logs := &fixture.SyncBuffer{}
+		stop := startStored(b, cfg, logs)
+		for !strings.Contains(logs.String(), "policy store loaded") {
+			time.Sleep(10 * time.Millisecond)
+		}
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			b.Fatal(err)
+		}
+		dec := socketmap.NewDecoder(bufio.NewReader(c), 1<<20)
+		for range 2 {
+			for i := range n {
+				io.WriteString(c, netstring(fmt.Sprintf("postfix d%d.example", i)))
+				if reply, err := dec.Next(); err != nil || !bytes.HasPrefix(reply, []byte("OK secure")) {
+					b.Fatalf("d%d.example: %q, %v", i, reply, err)
+				}
+			}
+		}
+		c.Close()
+		perDomain = float64(heapInUse()-before) / n
+		stop()
+	}
+	b.ReportMetric(perDomain, "heap_bytes/domain")
 }
 
 // storedConfig is the embedded defaults on a bbolt store of n policies

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
 
+	"stsmap/internal/stamp"
 	"stsmap/resolver"
 )
 
@@ -127,6 +128,8 @@ type Checker struct {
 	mu     sync.Mutex // guards closed and wg.Add against Close
 	closed bool
 	wg     sync.WaitGroup
+
+	stamps stamp.Table // bumped by every change to entries, by name
 }
 
 // entry is a cached result. Entries are replaced, never changed, except
@@ -170,11 +173,14 @@ func New(r Resolver, cfg Config) *Checker {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	entries, err := lru.New[query, *entry](cfg.Size)
+	c := &Checker{r: r, cfg: cfg, log: cfg.Logger}
+	// Called for evictions, after the entry is gone; commit bumps the
+	// stamp of the entries it adds.
+	entries, err := lru.NewWithEvict(cfg.Size, func(q query, _ *entry) { c.stamps.Bump(q.name) })
 	if err != nil {
 		panic(err) // only for a size <= 0, excluded above
 	}
-	c := &Checker{r: r, cfg: cfg, log: cfg.Logger, entries: entries}
+	c.entries = entries
 	c.base, c.cancel = context.WithCancel(context.Background())
 	return c
 }
@@ -220,7 +226,7 @@ func (q query) key() string {
 // with Temp.
 func (c *Checker) Check(ctx context.Context, nexthop string, port int, host bool) (Level, error) {
 	q := newQuery(nexthop, port, host)
-	if lvl, ok, err := c.cached(q); ok {
+	if lvl, _, ok, err := c.cached(q); ok {
 		return lvl, err
 	}
 	select {
@@ -237,7 +243,22 @@ func (c *Checker) Check(ctx context.Context, nexthop string, port int, host bool
 // refresh of a result in the last quarter of its lifetime. It lets a caller
 // skip setting up a deadline for Check on the common, cached path.
 func (c *Checker) Cached(nexthop string, port int, host bool) (lvl Level, ok bool, err error) {
+	lvl, _, ok, err = c.cached(newQuery(nexthop, port, host))
+	return lvl, ok, err
+}
+
+// CachedUntil is Cached, and says until when its answer may be reused
+// without asking again: the start of the result's last quarter, when a
+// check starts its refresh. It is in the past while a refresh runs.
+func (c *Checker) CachedUntil(nexthop string, port int, host bool) (lvl Level, until time.Time, ok bool, err error) {
 	return c.cached(newQuery(nexthop, port, host))
+}
+
+// Stamp returns a stamp of nexthop's cached results, to be taken before
+// they are read (Cached, CachedUntil, Check): it stays current until a
+// result for nexthop, on any port, is replaced or evicted.
+func (c *Checker) Stamp(nexthop string) stamp.Stamp {
+	return c.stamps.Take(newQuery(nexthop, 0, false).name)
 }
 
 func newQuery(nexthop string, port int, host bool) query {
@@ -250,17 +271,17 @@ func newQuery(nexthop string, port int, host bool) query {
 
 // cached returns q's cached, unexpired result, refreshing it in the
 // background in the last quarter of its lifetime.
-func (c *Checker) cached(q query) (Level, bool, error) {
+func (c *Checker) cached(q query) (Level, time.Time, bool, error) {
 	// Peek, and Get (which moves the entry to the front of the LRU list
 	// under the write lock) at most once a minute per entry: per check it
 	// cost more than the rest of a cached lookup.
 	e, ok := c.entries.Peek(q)
 	if !ok {
-		return None, false, nil
+		return None, time.Time{}, false, nil
 	}
 	now := c.cfg.Now()
 	if !now.Before(e.expires) {
-		return None, false, nil
+		return None, time.Time{}, false, nil
 	}
 	if t := now.Unix(); t-e.used.Load() >= 60 {
 		e.used.Store(t)
@@ -270,7 +291,7 @@ func (c *Checker) cached(q query) (Level, bool, error) {
 		c.run(q)
 	}
 	lvl, err := e.result()
-	return lvl, true, err
+	return lvl, e.refreshAt, true, err
 }
 
 // Close stops background lookups and waits for them to end. Checks after
@@ -464,6 +485,7 @@ func (c *Checker) commit(q query, o outcome) *entry {
 			kept := &entry{level: old.level, err: old.err, expires: old.expires, refreshAt: now.Add(failureTTL)}
 			kept.used.Store(now.Unix()) // Add puts it at the front of the LRU list
 			c.entries.Add(q, kept)
+			c.stamps.Bump(q.name)
 			return kept
 		}
 	}
@@ -478,6 +500,7 @@ func (c *Checker) commit(q query, o outcome) *entry {
 	}
 	e.used.Store(now.Unix()) // Add puts it at the front of the LRU list
 	c.entries.Add(q, e)
+	c.stamps.Bump(q.name)
 
 	oldLevel := None
 	if hadOld {

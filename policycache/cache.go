@@ -26,6 +26,7 @@ import (
 	lru "github.com/hashicorp/golang-lru/v2"
 	"golang.org/x/sync/singleflight"
 
+	"stsmap/internal/stamp"
 	"stsmap/resolver"
 )
 
@@ -93,11 +94,6 @@ type Entry struct {
 	// LastUsed is when Postfix last asked for the domain, in Unix seconds
 	// (refresh.idle_after); updated in place, hence atomic.
 	LastUsed atomic.Int64
-	// Memo is the cache user's to keep what it derives from this entry
-	// (policymap keeps the answers rendered from the policy), so that it
-	// goes with the entry: a changed entry is a new one, with an empty
-	// Memo. Every value stored in it must be of one type.
-	Memo atomic.Value
 }
 
 // clone returns a copy of e for a change: entries are never modified once
@@ -164,6 +160,8 @@ type Cache struct {
 	// storeLocks order the store writes of one domain (storeLock).
 	storeLocks    [64]sync.Mutex
 	pendingWrites atomic.Int64
+
+	stamps stamp.Table // bumped by every change to entries (set)
 }
 
 // New returns a cache that discovers policies from src.
@@ -195,7 +193,11 @@ func New(src Source, cfg Config) *Cache {
 	c := &Cache{src: src, cfg: cfg, log: cfg.Logger, sched: newSchedule()}
 	c.tun.Store(&Tunables{NegativeTTL: cfg.NegativeTTL, FirstContactTimeout: cfg.FirstContactTimeout,
 		FetchTimeout: cfg.FetchTimeout, Refresh: cfg.Refresh})
-	entries, err := lru.NewWithEvict(cfg.Size, func(domain string, _ *Entry) { c.sched.remove(domain) })
+	entries, err := lru.NewWithEvict(cfg.Size, func(domain string, _ *Entry) {
+		// Called for Remove and Purge too, after the entry is gone.
+		c.sched.remove(domain)
+		c.stamps.Bump(domain)
+	})
 	if err != nil {
 		panic(err) // only for a size <= 0, excluded above
 	}
@@ -232,6 +234,7 @@ func (c *Cache) LoadStore(ctx context.Context) (int, error) {
 		if ok, _ := c.entries.ContainsOrAdd(e.Domain, e); ok {
 			return
 		}
+		c.stamps.Bump(e.Domain)
 		c.scheduleAt(e, now.Add(randDuration(c.t().Refresh.Interval)))
 		n++
 	})
@@ -306,6 +309,26 @@ func (c *Cache) await(ctx context.Context, domain string, ch <-chan *Entry) *Ent
 	// running: answer as if the domain had no MTA-STS for now.
 	return &Entry{Domain: domain, Reason: ReasonPending, Fetched: c.cfg.Now()}
 }
+
+// set caches e in place of its domain's entry. Every change to the
+// entries goes through set or the LRU's eviction callback (Remove, Purge,
+// eviction), which bump the domain's stamp.
+func (c *Cache) set(e *Entry) {
+	c.entries.Add(e.Domain, e)
+	c.stamps.Bump(e.Domain)
+}
+
+// Stamp returns a stamp of domain's entry, to be taken before the entry is
+// read (Lookup, Peek): it stays current until that entry is replaced or
+// removed. A caller that keeps what it derived from an entry, as
+// policymap keeps rendered replies, checks the stamp instead of looking
+// the domain up again; it must still heed the entry's Expires and look the
+// domain up at least once a minute, for the LRU order and LastUsed.
+func (c *Cache) Stamp(domain string) stamp.Stamp { return c.stamps.Take(domain) }
+
+// CountHit counts a cache hit for a lookup answered from something derived
+// from a cached entry (see Stamp) rather than by Lookup.
+func (c *Cache) CountHit() { c.cfg.Observer.CacheHit() }
 
 // Peek returns the cached entry for domain, expired or not, without
 // discovery and without touching its recency.
@@ -427,7 +450,7 @@ func (c *Cache) fromStore(ctx context.Context, domain string) *Entry {
 		return nil
 	}
 	e.touch(now)
-	c.entries.Add(domain, e)
+	c.set(e)
 	c.scheduleAt(e, c.nextCheck(e, now))
 	return e
 }
@@ -451,7 +474,7 @@ func (c *Cache) cacheEntry(e *Entry) bool {
 	if e.LastUsed.Load() == 0 {
 		e.LastUsed.Store(c.cfg.Now().Unix())
 	}
-	c.entries.Add(e.Domain, e)
+	c.set(e)
 	if e.Policy == nil {
 		return false
 	}

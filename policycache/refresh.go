@@ -117,7 +117,7 @@ func (c *Cache) adoptFromStore(ctx context.Context, old *Entry, now time.Time) {
 	if err == nil && s != nil && s.Policy != nil && now.Before(s.Expires) && s.learned().After(old.learned()) {
 		s.LastUsed.Store(max(s.LastUsed.Load(), old.LastUsed.Load()))
 		if cur, ok := c.entries.Peek(old.Domain); ok && cur == old {
-			c.entries.Add(old.Domain, s)
+			c.set(s)
 		}
 		c.scheduleAt(s, c.nextCheck(s, now))
 		c.cfg.Observer.Refresh(RefreshAdopted)
@@ -228,7 +228,7 @@ func (c *Cache) refreshFailed(ctx context.Context, old *Entry, failedID string, 
 		c.log.Warn(msg, "domain", old.Domain, "policy_id", old.ID, "new_policy_id", failedID,
 			"mode", string(old.Policy.Mode), "expires", old.Expires.UTC().Format(time.RFC3339), "err", bounded(err))
 	}
-	c.entries.Add(n.Domain, n)
+	c.set(n)
 	if c.cfg.Store != nil {
 		c.persist(ctx, n) // the failure state is advisory: counted, not logged
 	}

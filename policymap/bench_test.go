@@ -2,7 +2,6 @@ package policymap
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -150,61 +149,5 @@ func TestServeSocketmapCachedAllocs(t *testing.T) {
 		if allocs != 0 {
 			t.Errorf("DANE %v: %v allocations per lookup, want 0", withDANE, allocs)
 		}
-	}
-}
-
-// The memoized answer follows the policy and the settings: a refreshed
-// policy (a new *Policy) and another map's settings are rendered anew.
-func TestAnswerMemo(t *testing.T) {
-	p1 := &resolver.Policy{Mode: resolver.ModeEnforce, MX: []string{"mx1.example.com"}}
-	p2 := &resolver.Policy{Mode: resolver.ModeEnforce, MX: []string{"mx2.example.com"}}
-	testing1 := &resolver.Policy{Mode: resolver.ModeTesting, MX: []string{"mx1.example.com"}}
-	cache := fakeCache{"example.com": {Domain: "example.com", Reason: policycache.ReasonPolicy, Policy: p1}}
-	settings := map[string]Settings{"plain": {}, "sni": {Servername: true}, "strict": {StrictTesting: true}}
-	h := &Handler{Cache: cache, Settings: func(name string) Settings { return settings[name] }}
-	check := func(name, key string, want socketmap.Reply) {
-		t.Helper()
-		for range 2 { // a miss, then a hit
-			if got := h.ServeSocketmap(context.Background(), name, key); got != want {
-				t.Fatalf("%s %s: got %+v, want %+v", name, key, got, want)
-			}
-		}
-	}
-	check("plain", "example.com", socketmap.OK("secure match=mx1.example.com"))
-	check("sni", "example.com", socketmap.OK("secure match=mx1.example.com servername=hostname"))
-	cache["example.com"] = &policycache.Entry{Domain: "example.com", Reason: policycache.ReasonPolicy, Policy: p2}
-	check("plain", "example.com", socketmap.OK("secure match=mx2.example.com"))
-	cache["example.com"] = &policycache.Entry{Domain: "example.com", Reason: policycache.ReasonPolicy, Policy: testing1}
-	check("plain", "example.com", socketmap.NotFound())
-	check("strict", "example.com", socketmap.OK("secure match=mx1.example.com"))
-	// The same policy under another domain (TLSRPT names the domain).
-	cache["example.org"] = &policycache.Entry{Domain: "example.org", Reason: policycache.ReasonPolicy, Policy: p1}
-	settings["rpt"] = Settings{TLSRPT: true}
-	want1, _ := Answer("example.com", p1, settings["rpt"])
-	want2, _ := Answer("example.org", p1, settings["rpt"])
-	cache["example.com"] = &policycache.Entry{Domain: "example.com", Reason: policycache.ReasonPolicy, Policy: p1}
-	check("rpt", "example.com", socketmap.OK(want1))
-	check("rpt", "example.org", socketmap.OK(want2))
-	// Five settings in turn: the entry keeps the answers of the last
-	// maxMemoSettings.
-	for i := range 5 {
-		settings[fmt.Sprint(i)] = Settings{Servername: i%2 == 0, TLSRPT: i >= 2, StrictTesting: i >= 4}
-		want, _ := Answer("example.com", p1, settings[fmt.Sprint(i)])
-		check(fmt.Sprint(i), "example.com", socketmap.OK(want))
-	}
-	if m := cache["example.com"].Memo.Load().(*answerMemo); m.n != maxMemoSettings {
-		t.Errorf("answers kept for %d settings, want %d", m.n, maxMemoSettings)
-	}
-	// A huge answer is rendered each time, not kept.
-	var mx []string
-	for i := range 1000 {
-		mx = append(mx, fmt.Sprintf("mx%d.example.com", i))
-	}
-	huge := &resolver.Policy{Mode: resolver.ModeEnforce, MX: mx}
-	cache["huge.example"] = &policycache.Entry{Domain: "huge.example", Reason: policycache.ReasonPolicy, Policy: huge}
-	wantHuge, _ := Answer("huge.example", huge, settings["plain"])
-	check("plain", "huge.example", socketmap.OK(wantHuge))
-	if m := cache["huge.example"].Memo.Load(); len(wantHuge) <= maxMemoAnswer || m != nil {
-		t.Errorf("answer of %d bytes: memo %v, want none kept (limit %d)", len(wantHuge), m, maxMemoAnswer)
 	}
 }

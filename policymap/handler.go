@@ -5,10 +5,11 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"strings"
+	"sync"
 	"time"
 
 	"stsmap/dane"
+	"stsmap/internal/stamp"
 	"stsmap/policycache"
 	"stsmap/resolver"
 	"stsmap/socketmap"
@@ -52,65 +53,24 @@ type Handler struct {
 	// answered (one of the Answer* constants) and how long it took, for
 	// metrics. It must not block.
 	Observe func(answer string, elapsed time.Duration)
+	// HotSize bounds the replies kept ready for cached domains (see
+	// hotTable; 0: 100000). The table is used when Cache is a
+	// *policycache.Cache and DANE is nil or a *dane.Checker.
+	HotSize int
+	// Now is the clock of Cache and DANE (nil: time.Now).
+	Now func() time.Time
+
+	once       sync.Once
+	stamps     stamper     // Cache, when the hot table is in use
+	daneStamps daneStamper // DANE, when the hot table is in use and DANE is on
+	hot        hotTable
 }
 
-// answerMemo holds the answers rendered from one cache entry, for the last
-// few map settings asked (one for most sites: every map name shares the
-// settings of "*"). It lives in the entry's Memo and goes with it; a
-// changed policy is a new entry with no memo. It is immutable once stored.
-type answerMemo struct {
-	slots [maxMemoSettings]answerSlot
-	n     int
-}
-
-type answerSlot struct {
-	s      Settings
-	domain string
-	text   string
-	ok     bool
-}
-
-// maxMemoSettings bounds the settings an entry keeps answers for.
-const maxMemoSettings = 4
-
-// answer is Answer, memoized in the cache entry: for a policy answered
-// before under the same settings it costs an atomic load and does not
-// allocate.
-func (h *Handler) answer(domain string, e *policycache.Entry, s Settings) (string, bool) {
-	if e.Policy == nil {
-		return "", false
-	}
-	m, _ := e.Memo.Load().(*answerMemo)
-	if m != nil {
-		for i := range m.n {
-			if a := &m.slots[i]; a.s == s && a.domain == domain {
-				return a.text, a.ok
-			}
-		}
-	}
-	text, ok := Answer(domain, e.Policy, s)
-	if len(text) > maxMemoAnswer {
-		return text, ok
-	}
-	// Keep the newest settings first; two lookups storing at once lose
-	// one answer, which is rendered again next time.
-	n := &answerMemo{}
-	// The domain may be part of the socketmap request, which the memo
-	// must not keep alive.
-	n.slots[0] = answerSlot{s: s, domain: strings.Clone(domain), text: text, ok: ok}
-	n.n = 1
-	if m != nil {
-		n.n += copy(n.slots[1:], m.slots[:m.n])
-	}
-	e.Memo.Store(n)
-	return text, ok
-}
-
-// maxMemoAnswer is the longest answer kept rendered. A policy of 64 KiB
-// renders an answer near Postfix's 100000-byte limit; keeping such answers
-// would double what a remote party can make every cached entry hold. Real
-// answers are a few hundred bytes.
-const maxMemoAnswer = 4096
+// maxKeptAnswer is the longest answer kept ready (hotTable). A policy of
+// 64 KiB renders an answer near Postfix's 100000-byte limit; keeping such
+// answers would double what a remote party can make every cached domain
+// hold. Real answers are a few hundred bytes.
+const maxKeptAnswer = 4096
 
 // What a lookup was answered, for Handler.Observe.
 const (
@@ -129,24 +89,81 @@ var _ socketmap.Handler = (*Handler)(nil)
 // remote domain's fault (SPEC 1.3): whatever discovery finds, the answer is
 // a policy or NOTFOUND.
 func (h *Handler) ServeSocketmap(ctx context.Context, name, key string) socketmap.Reply {
-	if h.Observe == nil {
-		r, _ := h.serve(ctx, name, key)
-		return r
+	h.once.Do(h.init)
+	now := h.now()
+	r, answer, ok := socketmap.Reply{}, "", false
+	if h.stamps != nil {
+		r, answer, ok = h.fromHot(name, key, now)
 	}
-	start := time.Now()
-	r, answer := h.serve(ctx, name, key)
-	h.Observe(answer, time.Since(start))
+	if !ok {
+		var t trace
+		r, answer = h.serve(ctx, name, key, now, &t)
+		// A change while the reply was worked out has turned its stamps
+		// stale already: it is kept, and never used.
+		if t.keep {
+			h.keep(key, hotReply{name: name, reply: r, until: t.until, policy: t.policy, dane: t.dane,
+				settings: t.settings, kind: kindIndex(answer), hit: t.hit}, now)
+		}
+	}
+	if h.Observe != nil {
+		h.Observe(answer, h.now().Sub(now))
+	}
 	return r
 }
 
+func (h *Handler) init() {
+	s, ok := h.Cache.(stamper)
+	if !ok {
+		return
+	}
+	if h.DANE != nil {
+		d, ok := h.DANE.(daneStamper)
+		if !ok {
+			return
+		}
+		h.daneStamps = d
+	}
+	h.stamps = s
+}
+
+func (h *Handler) now() time.Time {
+	if h.Now != nil {
+		return h.Now()
+	}
+	return time.Now()
+}
+
+// trace says whether a reply may be kept in the hot table, and what would
+// make it stale. A nil trace records nothing.
+type trace struct {
+	keep         bool
+	until        time.Time
+	policy, dane stamp.Stamp
+	settings     Settings
+	hit          bool
+}
+
 // serve answers a lookup and says which of the Answer* kinds the reply is.
-func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply, string) {
+// With t and the hot table in use, it records in t whether the reply came
+// from the caches alone.
+func (h *Handler) serve(ctx context.Context, name, key string, now time.Time, t *trace) (socketmap.Reply, string) {
 	hop, err := ParseKey(key)
 	if err != nil {
 		return socketmap.NotFound(), AnswerNoPolicy // SPEC 2.4
 	}
-	domain := hop.Domain
-	lvl, finish := h.daneLevel(ctx, hop)
+	domain, s := hop.Domain, h.Settings(name)
+	if h.stamps != nil && t != nil {
+		// Stamps first: a change made while the reply is worked out
+		// turns them stale at once.
+		t.policy = h.stamps.Stamp(domain)
+		if h.daneStamps != nil {
+			t.dane = h.daneStamps.Stamp(domain)
+		}
+		t.keep, t.until, t.settings = true, now.Add(hotTTL), s
+	} else {
+		t = nil
+	}
+	lvl, finish := h.daneLevel(ctx, hop, t)
 	switch lvl {
 	case dane.DaneOnly:
 		return socketmap.OK("dane-only"), AnswerDaneOnly
@@ -158,7 +175,18 @@ func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply,
 		return socketmap.Temp("DANE TLSA lookup failed"), AnswerTemp
 	}
 	e := lookup(ctx, h.Cache, domain, finish)
-	text, ok := h.answer(domain, e, h.Settings(name))
+	if t != nil {
+		// Kept only if e is the cached entry, as a hit returns it: not a
+		// pending or uncached one from a discovery.
+		cur, ok := h.stamps.Peek(domain)
+		t.keep = t.keep && ok && cur == e
+		t.until, t.hit = earlier(t.until, e.Expires), true
+	}
+	var text string
+	var ok bool
+	if e.Policy != nil {
+		text, ok = Answer(domain, e.Policy, s)
+	}
 	switch {
 	case ok && e.Policy.Mode == resolver.ModeTesting:
 		return socketmap.OK(text), AnswerTesting
@@ -171,16 +199,32 @@ func (h *Handler) serve(ctx context.Context, name, key string) (socketmap.Reply,
 	}
 }
 
+func earlier(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
 // daneLevel returns the DANE level of the next hop, or dane.None when DANE
 // is off or the check did not finish in time (it goes on in the background
 // and its result is cached): a slow resolver must not defer mail. When the
 // check has to wait on DNS, the policy lookup is begun first and finish
-// completes it (see lookup).
-func (h *Handler) daneLevel(ctx context.Context, hop Nexthop) (lvl dane.Level, finish func(context.Context) *policycache.Entry) {
+// completes it (see lookup). A non-nil t records whether the level came
+// from the cache, and until when it may be reused.
+func (h *Handler) daneLevel(ctx context.Context, hop Nexthop, t *trace) (lvl dane.Level, finish func(context.Context) *policycache.Entry) {
 	if h.DANE == nil {
 		return dane.None, nil
 	}
-	if c, ok := h.DANE.(daneCache); ok {
+	if t != nil {
+		// The hot table is in use: h.DANE is a daneStamper.
+		lvl, until, ok, err := h.daneStamps.CachedUntil(hop.Domain, hop.Port, hop.Bracketed)
+		if ok {
+			t.until = earlier(t.until, until)
+			return daneResult(lvl, err), nil
+		}
+		t.keep = false
+	} else if c, ok := h.DANE.(daneCache); ok {
 		if lvl, ok, err := c.Cached(hop.Domain, hop.Port, hop.Bracketed); ok {
 			return daneResult(lvl, err), nil
 		}
@@ -254,7 +298,7 @@ func (h *Handler) Explain(ctx context.Context, key string, s Settings) Result {
 	}
 	domain := hop.Domain
 	r.Domain = domain
-	lvl, finish := h.daneLevel(ctx, hop)
+	lvl, finish := h.daneLevel(ctx, hop, nil)
 	if lvl != dane.None {
 		r.DANE, r.Reason = lvl.String(), "dane"
 		if lvl != dane.Temp {
