@@ -1,6 +1,7 @@
 package resolver
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -11,9 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"strings"
-	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -38,9 +37,6 @@ type Fetcher struct {
 	// DialContext dials a resolved address "ip:443"; nil means a
 	// net.Dialer. Tests use it to reach an httptest server.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
-
-	once   sync.Once
-	client *http.Client
 }
 
 const (
@@ -135,21 +131,24 @@ func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, error) {
 		ctx, cancel = context.WithTimeout(ctx, fetchFallbackTimeout)
 		defer cancel()
 	}
-	f.once.Do(f.initClient)
-
-	// dialTLS finds ctx in the request's context: see fetchCtxKey.
-	reqCtx := context.WithValue(ctx, fetchCtxKey{}, ctx)
-	req, err := http.NewRequestWithContext(reqCtx, http.MethodGet, "https://"+host+policyPath, nil)
-	if err != nil {
-		return nil, newFetchError(fetchClassOther, host, err.Error())
-	}
-	resp, err := f.client.Do(req)
+	conn, err := f.dialTLS(ctx, host)
 	if err != nil {
 		return nil, classifyFetchError(ctx, host, "", err)
 	}
-	defer resp.Body.Close()
+	// Closing the connection ends the response; its body is never
+	// closed, which would read an endless one to its end.
+	defer conn.Close()
+	// SPEC 4.6: ctx bounds every read and write: when it ends (its
+	// deadline or a cancellation), a blocked one ends at once. Not a
+	// deadline on conn, which could fire a moment before ctx ends and be
+	// taken for another failure.
+	defer context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })()
+	resp, err := getPolicy(conn, host)
+	if err != nil {
+		return nil, classifyFetchError(ctx, host, "", err)
+	}
 
-	// SPEC 4.3: no redirects (CheckRedirect hands back the 3xx), only 200.
+	// SPEC 4.3: no redirects (a 3xx is never followed), only 200.
 	// Go's own status text, not the server's, so no remote text is logged.
 	switch code := resp.StatusCode; {
 	case code >= 300 && code < 400:
@@ -201,46 +200,62 @@ func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, error) {
 	return p, nil
 }
 
-// initClient builds the HTTP client that every Fetch reuses.
-func (f *Fetcher) initClient() {
-	f.client = &http.Client{
-		Transport: &http.Transport{
-			// SPEC 4.3: never a proxy from the environment.
-			Proxy: nil,
-			// DialTLSContext resolves through Hosts (SPEC 4.1) and
-			// does the handshake itself (SPEC 4.2), which also
-			// tells DNS, connect and TLS failures apart. It makes
-			// the Transport ignore TLSClientConfig and
-			// TLSHandshakeTimeout, and speak HTTP/1.1.
-			DialTLSContext: f.dialTLS,
-			// Policy hosts are many and rarely revisited.
-			DisableKeepAlives: true,
-			// Identity bodies only, so the size limit (SPEC 4.5) is
-			// on what the server sent.
-			DisableCompression:     true,
-			MaxResponseHeaderBytes: fetchMaxHeaderBytes,
-			// No ResponseHeaderTimeout: the request's ctx bounds
-			// every phase, and a fixed value would be either longer
-			// than the 5 s first-contact deadline or shorter than
-			// the background bound (SPEC 4.6).
-		},
-		// SPEC 4.3: hand a 3xx back instead of following it.
-		CheckRedirect: func(*http.Request, []*http.Request) error {
-			return http.ErrUseLastResponse
-		},
+// getPolicy sends the policy request on conn and reads the response head.
+// It is a plain HTTP/1.1 exchange on the fetch's own goroutine, one per
+// connection (policy hosts are many and rarely revisited): net/http's
+// Transport would hand the dial, the request and the response between
+// goroutines of its own, which on a first contact cost more than the
+// exchange (issue 7). The body, identity or chunked as the server framed
+// it, is read from resp.Body; no compression is asked for, so the size
+// limit (SPEC 4.5) is on what the server sent.
+func getPolicy(conn net.Conn, host string) (*http.Response, error) {
+	// SPEC 4.3: no caching, no proxy; Connection: close, one request.
+	if _, err := io.WriteString(conn, "GET "+policyPath+" HTTP/1.1\r\nHost: "+host+"\r\nUser-Agent: stsmap\r\nConnection: close\r\n\r\n"); err != nil {
+		return nil, fmt.Errorf("sending the request: %w", err)
+	}
+	head := &headLimiter{r: conn, left: fetchMaxHeaderBytes}
+	br := bufio.NewReader(head)
+	for {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			if head.left <= 0 {
+				return nil, &fetchStepError{class: fetchClassTooLarge, err: fmt.Errorf("response headers larger than %d bytes", fetchMaxHeaderBytes)}
+			}
+			return nil, err
+		}
+		// Informational responses (1xx) precede the real one, within
+		// the same header budget.
+		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+			continue
+		}
+		head.left = -1 // the body's limit is Fetch's
+		return resp, nil
 	}
 }
 
-// fetchCtxKey is the request-context key under which Fetch hands its ctx to
-// dialTLS. The Transport dials on a context detached from the request's
-// deadline and cancellation (context.WithoutCancel), so that a connection
-// whose request gave up can serve the next request; with it, a dial
-// abandoned by its fetch would go on without a bound, and a policy host
-// that never finishes the TLS handshake would hold a goroutine and a socket
-// for as long as it likes. A policy connection serves one fetch only
-// (DisableKeepAlives), so dialTLS runs on the fetch's ctx instead (SPEC 4.6:
-// the deadline bounds every step, the dial included).
-type fetchCtxKey struct{}
+// headLimiter reads from r at most left bytes, then reports EOF; a
+// negative left reads without limit. It bounds the response head
+// (fetchMaxHeaderBytes) read through a bufio.Reader, which may read ahead
+// into the body.
+type headLimiter struct {
+	r    io.Reader
+	left int
+}
+
+func (l *headLimiter) Read(p []byte) (int, error) {
+	if l.left < 0 {
+		return l.r.Read(p)
+	}
+	if l.left == 0 {
+		return 0, io.EOF
+	}
+	if len(p) > l.left {
+		p = p[:l.left]
+	}
+	n, err := l.r.Read(p)
+	l.left -= n
+	return n, err
+}
 
 // fetchStepError marks a failure in dialTLS with its class, so that
 // classifyFetchError can find it through the Transport's wrapping.
@@ -253,18 +268,11 @@ func (e *fetchStepError) Error() string { return e.err.Error() }
 
 func (e *fetchStepError) Unwrap() error { return e.err }
 
-// dialTLS resolves the policy host through Hosts, connects to its
-// addresses in order until one answers, and completes a TLS handshake
-// verified for that host name (SPEC 4.1, 4.2).
-func (f *Fetcher) dialTLS(ctx context.Context, network, addr string) (net.Conn, error) {
-	if fetchCtx, ok := ctx.Value(fetchCtxKey{}).(context.Context); ok {
-		ctx = fetchCtx // SPEC 4.6; see fetchCtxKey
-	}
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, err
-	}
-	conn, err := f.dialHost(ctx, network, host, port)
+// dialTLS resolves the policy host through Hosts, connects to port 443 of
+// its addresses in order until one answers, and completes a TLS handshake
+// verified for that host name (SPEC 4.1, 4.2), all within ctx (SPEC 4.6).
+func (f *Fetcher) dialTLS(ctx context.Context, host string) (net.Conn, error) {
+	conn, err := f.dialHost(ctx, "tcp", host, "443")
 	if err != nil {
 		return nil, err
 	}
@@ -339,12 +347,7 @@ func fetchAttemptContext(ctx context.Context, remaining int) (context.Context, c
 // fetchError. ctx's own deadline takes precedence: whatever step it cut
 // short, the fetch timed out.
 func classifyFetchError(ctx context.Context, host, prefix string, err error) error {
-	// The client wraps everything in *url.Error, whose text repeats the
-	// URL; the cause is enough.
 	cause := err
-	if ue, ok := errors.AsType[*url.Error](err); ok {
-		cause = ue.Err
-	}
 	step, isStep := errors.AsType[*fetchStepError](err)
 	switch {
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
@@ -356,12 +359,6 @@ func classifyFetchError(ctx context.Context, host, prefix string, err error) err
 		return newFetchError(fetchClassOther, host, prefix+"canceled")
 	case isStep:
 		return newFetchError(step.class, host, prefix+step.err.Error())
-	}
-	// net/http tells headers over MaxResponseHeaderBytes only in its
-	// error text. Like a body over the limit (SPEC 4.5), they are a policy
-	// host making us read more than a policy needs.
-	if strings.Contains(cause.Error(), "server response headers exceeded") {
-		return newFetchError(fetchClassTooLarge, host, prefix+fmt.Sprintf("response headers larger than %d bytes", fetchMaxHeaderBytes))
 	}
 	if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
 		return newFetchError(fetchClassTimeout, host, prefix+cause.Error())

@@ -439,3 +439,20 @@ func TestFetchHostileBodyEndedAfterDeadline(t *testing.T) {
 	ft.srv.Close()
 	goleak.VerifyNone(t, leaks)
 }
+
+// A fetch whose ctx is cancelled (not timed out) while the body trickles
+// in ends at once, not at its deadline: cancellation reaches a read
+// blocked on the connection.
+func TestFetchCanceledMidBody(t *testing.T) {
+	ft := newFetchTest(t, http.HandlerFunc(trickleBody), testFetchCerts(t).good, nil)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	time.AfterFunc(300*time.Millisecond, cancel)
+	start := time.Now()
+	p, err := ft.fetcher.Fetch(ctx, testFetchDomain)
+	wantFetchError(t, p, err, ErrFetch, "other", "canceled")
+	// Far below the minute of the deadline; generous for a busy machine.
+	if took := time.Since(start); took > 20*time.Second {
+		t.Errorf("the cancelled fetch took %v", took)
+	}
+}

@@ -298,6 +298,22 @@ func TestFetch(t *testing.T) {
 			wantErr:   ErrFetch, wantClass: "tls", wantText: "protocol version"},
 		{name: "invalid policy", handler: servePolicy("text/plain", withLine("mode", "mode: Enforce")),
 			wantErr: ErrInvalidPolicy, wantClass: "invalid_policy", wantText: `resolver: invalid MTA-STS policy: mta-sts.example.com: line 2: mode "Enforce"`},
+		{name: "informational responses first", handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Link", "</style.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			w.WriteHeader(http.StatusEarlyHints)
+			servePolicy("text/plain", testPolicy)(w, r)
+		})},
+		{name: "the request asked", handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			// SPEC 4.1, 4.3: a plain GET of the policy path on the policy
+			// host, asking for no compression and no keep-alive.
+			if r.Method != http.MethodGet || r.Host != testFetchHost || r.URL.String() != "/.well-known/mta-sts.txt" ||
+				r.Header.Get("Accept-Encoding") != "" || !r.Close || r.ProtoMajor != 1 || r.ProtoMinor != 1 {
+				http.Error(w, "unexpected request", http.StatusBadRequest)
+				return
+			}
+			servePolicy("text/plain", testPolicy)(w, r)
+		})},
 		{name: "empty body", handler: servePolicy("text/plain", ""),
 			wantErr: ErrInvalidPolicy, wantClass: "invalid_policy", wantText: "empty policy"},
 	}
@@ -457,24 +473,8 @@ func TestFetchIgnoresProxyEnv(t *testing.T) {
 	t.Setenv("NO_PROXY", "")
 	ft := newFetchTest(t, servePolicy("text/plain", testPolicy), testFetchCerts(t).good, nil)
 
-	for range 2 {
-		if _, err := ft.fetcher.Fetch(t.Context(), testFetchDomain); err != nil {
-			t.Fatalf("Fetch: %v", err)
-		}
-	}
-	client := ft.fetcher.client
-	tr, ok := client.Transport.(*http.Transport)
-	if !ok {
-		t.Fatalf("transport is %T, want *http.Transport", client.Transport)
-	}
-	if tr.Proxy != nil {
-		t.Error("transport has a Proxy function, want nil")
-	}
 	if _, err := ft.fetcher.Fetch(t.Context(), testFetchDomain); err != nil {
 		t.Fatalf("Fetch: %v", err)
-	}
-	if ft.fetcher.client != client {
-		t.Error("Fetch built a new client, want the first one reused")
 	}
 }
 
