@@ -136,31 +136,50 @@ func txtStrings(rrs []dns.RR) []string {
 // when both lookups found no record, else the ErrDNS of a failed lookup (a
 // failure says nothing about whether an address exists).
 func (d *DNS) LookupHost(ctx context.Context, host string) ([]netip.Addr, error) {
-	var rrsA, rrsAAAA []dns.RR
-	var errA, errAAAA error
+	var v4, v6 []netip.Addr
+	var err4, err6 error
 	var wg sync.WaitGroup
-	wg.Go(func() { rrsA, _, errA = d.lookup(ctx, host, dns.TypeA) })
-	wg.Go(func() { rrsAAAA, _, errAAAA = d.lookup(ctx, host, dns.TypeAAAA) })
+	wg.Go(func() { v4, err4 = d.LookupFamily(ctx, host, false) })
+	wg.Go(func() { v6, err6 = d.LookupFamily(ctx, host, true) })
 	wg.Wait()
+	return joinFamilies(host, v4, err4, v6, err6)
+}
 
-	addrs := make([]netip.Addr, 0, len(rrsA)+len(rrsAAAA))
-	for _, rr := range rrsA {
-		if ip, ok := netip.AddrFromSlice(rr.(*dns.A).A.To4()); ok {
-			addrs = append(addrs, ip)
+// LookupFamily returns the IPv4 (A) or, with ipv6, the IPv6 (AAAA)
+// addresses of host, following CNAMEs: LookupHost's lookups one at a time,
+// for a caller that can use the first answer before the second comes (the
+// policy fetch connects to IPv4 addresses without waiting for AAAA).
+func (d *DNS) LookupFamily(ctx context.Context, host string, ipv6 bool) ([]netip.Addr, error) {
+	qtype := dns.TypeA
+	if ipv6 {
+		qtype = dns.TypeAAAA
+	}
+	rrs, _, err := d.lookup(ctx, host, qtype)
+	addrs := make([]netip.Addr, 0, len(rrs))
+	for _, rr := range rrs {
+		var ip []byte
+		if ipv6 {
+			ip = rr.(*dns.AAAA).AAAA.To16()
+		} else {
+			ip = rr.(*dns.A).A.To4()
+		}
+		if a, ok := netip.AddrFromSlice(ip); ok {
+			addrs = append(addrs, a)
 		}
 	}
-	for _, rr := range rrsAAAA {
-		if ip, ok := netip.AddrFromSlice(rr.(*dns.AAAA).AAAA.To16()); ok {
-			addrs = append(addrs, ip)
-		}
-	}
+	return addrs, err
+}
+
+// joinFamilies is LookupHost's answer from the two lookups of host: v4
+// and err4 from A, v6 and err6 from AAAA.
+func joinFamilies(host string, v4 []netip.Addr, err4 error, v6 []netip.Addr, err6 error) ([]netip.Addr, error) {
 	switch {
-	case len(addrs) > 0:
-		return addrs, nil
-	case errA != nil && !errors.Is(errA, ErrNoRecord):
-		return nil, errA
-	case errAAAA != nil && !errors.Is(errAAAA, ErrNoRecord):
-		return nil, errAAAA
+	case len(v4)+len(v6) > 0:
+		return append(v4[:len(v4):len(v4)], v6...), nil
+	case err4 != nil && !errors.Is(err4, ErrNoRecord):
+		return nil, err4
+	case err6 != nil && !errors.Is(err6, ErrNoRecord):
+		return nil, err6
 	}
 	return nil, fmt.Errorf("%w: %s: no A or AAAA record", ErrNoRecord, clipName(host))
 }

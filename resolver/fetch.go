@@ -290,20 +290,80 @@ func (f *Fetcher) dialTLS(ctx context.Context, host string) (net.Conn, error) {
 	return tc, nil
 }
 
+// familyResolver is a HostResolver that can look up one address family at
+// a time, as *DNS can.
+type familyResolver interface {
+	LookupFamily(ctx context.Context, host string, ipv6 bool) ([]netip.Addr, error)
+}
+
+var _ familyResolver = (*DNS)(nil)
+
 // dialHost resolves host and connects to its addresses in the resolver's
-// order. With several addresses, each attempt gets a share of the time
-// left, so one silent address does not use up ctx (as net.Dialer does).
+// order, IPv4 first. With several addresses, each attempt gets a share of
+// the time left, so one silent address does not use up ctx (as net.Dialer
+// does). With a familyResolver the A and AAAA lookups run at once and the
+// IPv4 addresses are tried as soon as they are known: the AAAA answer is
+// waited for only when none of them answers, so a slow or lost AAAA reply
+// (some resolvers and middleboxes drop them) does not delay the fetch.
 func (f *Fetcher) dialHost(ctx context.Context, network, host, port string) (net.Conn, error) {
 	if f.Hosts == nil {
 		return nil, &fetchStepError{class: fetchClassDNS, err: errors.New("no host resolver configured")}
 	}
-	addrs, err := f.Hosts.LookupHost(ctx, host)
-	if err != nil {
-		return nil, &fetchStepError{class: fetchClassDNS, err: err}
+	fr, ok := f.Hosts.(familyResolver)
+	if !ok {
+		addrs, err := f.Hosts.LookupHost(ctx, host)
+		if err == nil && len(addrs) == 0 {
+			err = errors.New("no addresses")
+		}
+		if err != nil {
+			return nil, &fetchStepError{class: fetchClassDNS, err: err}
+		}
+		return f.dialAddrs(ctx, network, port, addrs, 0, 0)
 	}
-	if len(addrs) == 0 {
-		return nil, &fetchStepError{class: fetchClassDNS, err: errors.New("no addresses")}
+	type result struct {
+		addrs []netip.Addr
+		err   error
 	}
+	lctx, cancel := context.WithCancel(ctx) // ends the AAAA lookup with dialHost
+	defer cancel()
+	aaaa := make(chan result, 1)
+	go func() {
+		addrs, err := fr.LookupFamily(lctx, host, true)
+		aaaa <- result{addrs, err}
+	}()
+	v4, err4 := fr.LookupFamily(ctx, host, false)
+	var lastErr error // from the IPv4 addresses
+	if len(v4) > 0 {
+		// One attempt's worth of time is kept for the IPv6 addresses
+		// that may follow.
+		conn, err := f.dialAddrs(ctx, network, port, v4, 1, 0)
+		if err == nil || ctx.Err() != nil {
+			return conn, err
+		}
+		lastErr = err
+	}
+	var r6 result
+	select {
+	case r6 = <-aaaa:
+	case <-ctx.Done():
+		r6.err = ctx.Err()
+	}
+	if len(v4) == 0 {
+		if _, err := joinFamilies(host, nil, err4, r6.addrs, r6.err); len(r6.addrs) == 0 {
+			return nil, &fetchStepError{class: fetchClassDNS, err: err}
+		}
+	}
+	if len(r6.addrs) == 0 {
+		return nil, lastErr
+	}
+	return f.dialAddrs(ctx, network, port, r6.addrs, 0, len(v4))
+}
+
+// dialAddrs connects to the first of addrs (at least one) that answers.
+// more is the number of attempts that may follow addrs (their share of the
+// time left is kept for them); tried, the number of addresses tried before
+// in vain, for the error text.
+func (f *Fetcher) dialAddrs(ctx context.Context, network, port string, addrs []netip.Addr, more, tried int) (net.Conn, error) {
 	dial := f.DialContext
 	if dial == nil {
 		var d net.Dialer
@@ -311,19 +371,20 @@ func (f *Fetcher) dialHost(ctx context.Context, network, host, port string) (net
 	}
 	var lastErr error
 	for i, a := range addrs {
-		actx, cancel := fetchAttemptContext(ctx, len(addrs)-i)
+		actx, cancel := fetchAttemptContext(ctx, len(addrs)-i+more)
 		conn, err := dial(actx, network, net.JoinHostPort(a.Unmap().String(), port))
 		cancel()
 		if err == nil {
 			return conn, nil
 		}
+		tried++
 		lastErr = err
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	if len(addrs) > 1 {
-		lastErr = fmt.Errorf("%d addresses, none answered; last: %w", len(addrs), lastErr)
+	if tried > 1 {
+		lastErr = fmt.Errorf("%d addresses, none answered; last: %w", tried, lastErr)
 	}
 	return nil, &fetchStepError{class: fetchClassConnect, err: lastErr}
 }
