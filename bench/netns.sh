@@ -10,8 +10,9 @@
 # 4000 domains, then measures cached hits at 8 and 64 connections, parent
 # keys and IP literals at 8 connections, each in ROUNDS rounds alternating
 # floor and stsmap so that drift on a shared machine hits both alike, and
-# finally 2 x 200 cold lookups against the bare round trips, and 100 against
-# bare round trips that ask the DNS questions stsmap asks. Raw JSON goes to
+# finally 2 x 200 cold lookups against the bare round trips, 100 against
+# bare round trips that ask the DNS questions stsmap asks, and 100 of a
+# second stsmap with DANE off (no MX query) against the bare round trips. Raw JSON goes to
 # OUTDIR (default: a temporary directory), the summary to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,4 +98,14 @@ for f in cold1 cold2; do
 done
 echo "== cold, the bare round trips asking the DNS questions stsmap asks (TXT with MX, A with AAAA; 100 pairs)"
 inns "$out/bench" -cold -bare-as-stsmap -addr 127.0.0.1:8461 -keys "$out/cold3.txt" -n 100 -dns 127.0.0.1:53 -https-port 443 -ca "$out/fix/ca.pem" | grep -E '^(stsmap|bare|ratio|errors)'
+echo "== cold, a second stsmap with DANE off (no MX query), warmed with 50 other domains, against the bare round trips (100 pairs)"
+mkdir -p "$out/state-nodane"
+printf 'listen: ["127.0.0.1:8463"]\ndane: "off"\nmetrics:\n  listen: ""\nadmin:\n  socket: "none"\ncache:\n  path: "%s"\n' \
+  "$out/state-nodane/policies.db" > "$out/nodane.yaml"
+ip netns exec "$ns" env SSL_CERT_FILE="$out/fix/ca.pem" "$out/stsmap" -config "$out/nodane.yaml" 2> "$out/stsmap-nodane.log" & pids+=($!)
+for _ in $(seq 100); do grep -q 'stsmap serving' "$out/stsmap-nodane.log" && break; sleep 0.1; done
+head -n 50 "$out/cold2.txt" > "$out/warm-nodane.txt" # its first lookups set up TLS and the store
+inns "$out/bench" -warm -addr 127.0.0.1:8463 -keys "$out/warm-nodane.txt" -c 4 -expect OK | grep -E '^errors'
+inns "$out/bench" -cold -addr 127.0.0.1:8463 -keys "$out/cold1.txt" -n 100 -dns 127.0.0.1:53 -https-port 443 -ca "$out/fix/ca.pem" | grep -E '^(stsmap|bare|ratio|errors)'
 echo "== stsmap warnings and errors logged: $(grep -c 'level=WARN\|level=ERROR' "$out/stsmap.log" || true)"
+echo "== stsmap (DANE off) warnings and errors logged: $(grep -c 'level=WARN\|level=ERROR' "$out/stsmap-nodane.log" || true)"
