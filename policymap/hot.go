@@ -26,9 +26,12 @@ import (
 //     keep their recency, LastUsed and DANE refreshes as before;
 //   - the map name and its settings, which a reload may change.
 //
-// Only replies from cached entries are kept: never a first contact, a
-// pending discovery, a skipped key (parent domains, IP literals: they cost
-// no lookup anyway) or a DANE check that had to wait.
+// Only replies worked out from the caches alone are ever used. A first
+// contact's reply is kept under the stamps taken before its discovery,
+// which the discovery turned stale; a pending answer, an entry the cache
+// does not hold, a skipped key (parent domains, IP literals: they cost no
+// lookup anyway) and a reply after a DANE check that had to wait are not
+// kept at all.
 type hotTable struct {
 	mu sync.RWMutex
 	m  map[string]hotReply

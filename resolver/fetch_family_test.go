@@ -2,7 +2,6 @@ package resolver
 
 import (
 	"net"
-	"slices"
 	"testing"
 	"time"
 
@@ -80,14 +79,7 @@ func TestFetchAddressFamilies(t *testing.T) {
 			ft := newFetchTest(t, servePolicy("text/plain", testPolicy), testFetchCerts(t).good, nil)
 			ft.fetcher.Hosts = newTestDNS(testQueryTimeout, s)
 			p, err := ft.fetcher.Fetch(t.Context(), testFetchDomain)
-			if tc.wantClass != "" {
-				wantFetchError(t, p, err, ErrFetch, tc.wantClass, tc.wantText)
-			} else if err != nil {
-				t.Fatalf("Fetch: %v", err)
-			}
-			if got := ft.Dialed(); !slices.Equal(got, tc.wantDialed) {
-				t.Errorf("dialed %q, want %q", got, tc.wantDialed)
-			}
+			wantFetchOutcome(t, ft, p, err, tc.wantClass, tc.wantText, tc.wantDialed)
 		})
 	}
 }

@@ -393,15 +393,23 @@ func TestFetchHostResolution(t *testing.T) {
 			ft.hosts.addrs, ft.hosts.err = tc.addrs, tc.err
 
 			p, err := ft.fetcher.Fetch(t.Context(), testFetchDomain)
-			if tc.wantClass != "" {
-				wantFetchError(t, p, err, ErrFetch, tc.wantClass, tc.wantText)
-			} else if err != nil {
-				t.Fatalf("Fetch: %v", err)
-			}
-			if got := ft.Dialed(); !slices.Equal(got, tc.wantDialed) {
-				t.Errorf("dialed %q, want %q", got, tc.wantDialed)
-			}
+			wantFetchOutcome(t, ft, p, err, tc.wantClass, tc.wantText, tc.wantDialed)
 		})
+	}
+}
+
+// wantFetchOutcome checks a fetch's result against a table case: a
+// FetchErrorClass wantClass whose text contains wantText ("" for a
+// successful fetch), and the addresses dialled, in order.
+func wantFetchOutcome(t *testing.T, ft *fetchTest, p *Policy, err error, wantClass, wantText string, wantDialed []string) {
+	t.Helper()
+	if wantClass != "" {
+		wantFetchError(t, p, err, ErrFetch, wantClass, wantText)
+	} else if err != nil {
+		t.Fatalf("Fetch: %v", err)
+	}
+	if got := ft.Dialed(); !slices.Equal(got, wantDialed) {
+		t.Errorf("dialed %q, want %q", got, wantDialed)
 	}
 }
 
