@@ -111,6 +111,8 @@ func (h *Handler) ServeSocketmap(ctx context.Context, name, key string) socketma
 	return r
 }
 
+// init puts the hot table in use when what its replies come from can be
+// watched: Cache is a stamper and DANE, when on, a daneStamper.
 func (h *Handler) init() {
 	s, ok := h.Cache.(stamper)
 	if !ok {
