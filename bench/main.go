@@ -295,17 +295,22 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
-	if *jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(res)
-	} else {
-		printResult(stdout, res)
-	}
+	writeResult(stdout, *jsonOut, res, printResult)
 	if res.Errors > 0 {
 		return 1
 	}
 	return 0
+}
+
+// writeResult writes res as indented JSON (-json) or as text by print.
+func writeResult[T any](w io.Writer, jsonOut bool, res T, print func(io.Writer, T)) {
+	if !jsonOut {
+		print(w, res)
+		return
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(res)
 }
 
 func printResult(w io.Writer, r result) {
@@ -358,13 +363,7 @@ func runWarmMode(cfg config, jsonOut bool, stdout, stderr io.Writer) int {
 		return 2
 	}
 	res := runWarm(cfg)
-	if jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(res)
-	} else {
-		printWarm(stdout, res)
-	}
+	writeResult(stdout, jsonOut, res, printWarm)
 	if res.Errors > 0 || res.Answered < int64(res.Keys) {
 		return 1
 	}
@@ -397,13 +396,7 @@ func runColdMode(cfg coldConfig, keys []string, n int, caPath string, jsonOut bo
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	res := runCold(ctx, cfg)
-	if jsonOut {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(res)
-	} else {
-		printCold(stdout, res)
-	}
+	writeResult(stdout, jsonOut, res, printCold)
 	if res.Errors > 0 || ctx.Err() != nil {
 		return 1
 	}

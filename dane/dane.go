@@ -174,8 +174,8 @@ func New(r Resolver, cfg Config) *Checker {
 		cfg.Logger = slog.Default()
 	}
 	c := &Checker{r: r, cfg: cfg, log: cfg.Logger}
-	// Called for evictions, after the entry is gone; commit bumps the
-	// stamp of the entries it adds.
+	// Called for evictions, after the entry is gone; put bumps the stamp
+	// of the entries it adds.
 	entries, err := lru.NewWithEvict(cfg.Size, func(q query, _ *entry) { c.stamps.Bump(q.name) })
 	if err != nil {
 		panic(err) // only for a size <= 0, excluded above
@@ -468,6 +468,14 @@ func usable(t resolver.TLSA) bool {
 	return false
 }
 
+// put caches e as q's result at now. Every change to the entries goes
+// through put or the LRU's eviction callback, which bump q's stamp.
+func (c *Checker) put(q query, e *entry, now time.Time) {
+	e.used.Store(now.Unix()) // Add puts it at the front of the LRU list
+	c.entries.Add(q, e)
+	c.stamps.Bump(q.name)
+}
+
 // commit caches the outcome of q's lookup and returns the entry to answer
 // with. A failed lookup does not replace an unexpired result learned
 // before: that one is served until it expires, and refreshed again after
@@ -483,9 +491,7 @@ func (c *Checker) commit(q query, o outcome) *entry {
 		}
 		if hadOld && !old.failed && now.Before(old.expires) {
 			kept := &entry{level: old.level, err: old.err, expires: old.expires, refreshAt: now.Add(failureTTL)}
-			kept.used.Store(now.Unix()) // Add puts it at the front of the LRU list
-			c.entries.Add(q, kept)
-			c.stamps.Bump(q.name)
+			c.put(q, kept, now)
 			return kept
 		}
 	}
@@ -498,9 +504,7 @@ func (c *Checker) commit(q query, o outcome) *entry {
 	if o.level == Temp {
 		e.err = ErrTLSALookup
 	}
-	e.used.Store(now.Unix()) // Add puts it at the front of the LRU list
-	c.entries.Add(q, e)
-	c.stamps.Bump(q.name)
+	c.put(q, e, now)
 
 	oldLevel := None
 	if hadOld {

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"stsmap/dane"
-	"stsmap/internal/stamp"
 	"stsmap/policycache"
 	"stsmap/resolver"
 	"stsmap/socketmap"
@@ -101,8 +100,8 @@ func (h *Handler) ServeSocketmap(ctx context.Context, name, key string) socketma
 		// A change while the reply was worked out has turned its stamps
 		// stale already: it is kept, and never used.
 		if t.keep {
-			h.keep(key, hotReply{name: name, reply: r, until: t.until, policy: t.policy, dane: t.dane,
-				settings: t.settings, kind: kindIndex(answer), hit: t.hit}, now)
+			t.name, t.reply, t.kind = name, r, kindIndex(answer)
+			h.keep(key, t.hotReply, now)
 		}
 	}
 	if h.Observe != nil {
@@ -135,14 +134,12 @@ func (h *Handler) now() time.Time {
 	return time.Now()
 }
 
-// trace says whether a reply may be kept in the hot table, and what would
-// make it stale. A nil trace records nothing.
+// trace says whether a reply may be kept in the hot table, and gathers
+// what would make it stale (the hotReply to keep, but for the reply
+// itself). A nil trace records nothing.
 type trace struct {
-	keep         bool
-	until        time.Time
-	policy, dane stamp.Stamp
-	settings     Settings
-	hit          bool
+	keep bool
+	hotReply
 }
 
 // serve answers a lookup and says which of the Answer* kinds the reply is.

@@ -43,6 +43,7 @@ const (
 	// policyHostPrefix and policyPath make the policy URL (RFC 8461 §3.3).
 	policyHostPrefix = "mta-sts."
 	policyPath       = "/.well-known/mta-sts.txt"
+	policyPort       = "443" // SPEC 4.1
 	// fetchMaxHeaderBytes bounds the response header; a policy host
 	// has no reason to send more, and a fetch that meets more fails as
 	// too_large.
@@ -272,7 +273,7 @@ func (e *fetchStepError) Unwrap() error { return e.err }
 // its addresses in order until one answers, and completes a TLS handshake
 // verified for that host name (SPEC 4.1, 4.2), all within ctx (SPEC 4.6).
 func (f *Fetcher) dialTLS(ctx context.Context, host string) (net.Conn, error) {
-	conn, err := f.dialHost(ctx, "tcp", host, "443")
+	conn, err := f.dialHost(ctx, host)
 	if err != nil {
 		return nil, err
 	}
@@ -305,7 +306,7 @@ var _ familyResolver = (*DNS)(nil)
 // IPv4 addresses are tried as soon as they are known: the AAAA answer is
 // waited for only when none of them answers, so a slow or lost AAAA reply
 // (some resolvers and middleboxes drop them) does not delay the fetch.
-func (f *Fetcher) dialHost(ctx context.Context, network, host, port string) (net.Conn, error) {
+func (f *Fetcher) dialHost(ctx context.Context, host string) (net.Conn, error) {
 	if f.Hosts == nil {
 		return nil, &fetchStepError{class: fetchClassDNS, err: errors.New("no host resolver configured")}
 	}
@@ -318,7 +319,7 @@ func (f *Fetcher) dialHost(ctx context.Context, network, host, port string) (net
 		if err != nil {
 			return nil, &fetchStepError{class: fetchClassDNS, err: err}
 		}
-		return f.dialAddrs(ctx, network, port, addrs, 0, 0)
+		return f.dialAddrs(ctx, addrs, 0, 0)
 	}
 	type result struct {
 		addrs []netip.Addr
@@ -336,7 +337,7 @@ func (f *Fetcher) dialHost(ctx context.Context, network, host, port string) (net
 	if len(v4) > 0 {
 		// One attempt's worth of time is kept for the IPv6 addresses
 		// that may follow.
-		conn, err := f.dialAddrs(ctx, network, port, v4, 1, 0)
+		conn, err := f.dialAddrs(ctx, v4, 1, 0)
 		if err == nil || ctx.Err() != nil {
 			return conn, err
 		}
@@ -356,14 +357,14 @@ func (f *Fetcher) dialHost(ctx context.Context, network, host, port string) (net
 	if len(r6.addrs) == 0 {
 		return nil, lastErr
 	}
-	return f.dialAddrs(ctx, network, port, r6.addrs, 0, len(v4))
+	return f.dialAddrs(ctx, r6.addrs, 0, len(v4))
 }
 
 // dialAddrs connects to the first of addrs (at least one) that answers.
 // more is the number of attempts that may follow addrs (their share of the
 // time left is kept for them); tried, the number of addresses tried before
 // in vain, for the error text.
-func (f *Fetcher) dialAddrs(ctx context.Context, network, port string, addrs []netip.Addr, more, tried int) (net.Conn, error) {
+func (f *Fetcher) dialAddrs(ctx context.Context, addrs []netip.Addr, more, tried int) (net.Conn, error) {
 	dial := f.DialContext
 	if dial == nil {
 		var d net.Dialer
@@ -372,7 +373,7 @@ func (f *Fetcher) dialAddrs(ctx context.Context, network, port string, addrs []n
 	var lastErr error
 	for i, a := range addrs {
 		actx, cancel := fetchAttemptContext(ctx, len(addrs)-i+more)
-		conn, err := dial(actx, network, net.JoinHostPort(a.Unmap().String(), port))
+		conn, err := dial(actx, "tcp", net.JoinHostPort(a.Unmap().String(), policyPort))
 		cancel()
 		if err == nil {
 			return conn, nil

@@ -427,10 +427,6 @@ func (c *conn) setIdle() bool {
 // to the pipelined requests that came before.
 func (c *conn) fail(err error) {
 	c.flush()
-	c.readFailed(err)
-}
-
-func (c *conn) readFailed(err error) {
 	log := c.srv.logger()
 	var ne net.Error
 	switch {
