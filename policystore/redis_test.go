@@ -100,14 +100,8 @@ func sameRedisEntry(t *testing.T, got, want *policycache.Entry) {
 // waitFor polls cond until it holds, failing the test after timeout.
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, timeout)
-		}
-		<-tick.C
+	if !fixture.Poll(timeout, 10*time.Millisecond, cond) {
+		t.Fatalf("%s: not within %v", what, timeout)
 	}
 }
 

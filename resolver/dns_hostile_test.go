@@ -278,18 +278,14 @@ func TestHostileDNS(t *testing.T) {
 		},
 		{
 			name: "20-step CNAME chain in one answer",
-			serve: single(func(t *testing.T, s *testDNSServer) {
-				s.SetHandler(hostileName, func(req *dns.Msg) *dns.Msg {
-					m := new(dns.Msg).SetReply(req)
-					owner := hostileName
-					for i := range 20 {
-						target := fmt.Sprintf("c%d.%s", i+1, longOwner("chain"))
-						m.Answer = append(m.Answer, mustRR(t, owner+" 300 IN CNAME "+target))
-						owner = target
-					}
-					m.Answer = append(m.Answer, txtRR(owner, "v=STSv1; id=end"))
-					return m
-				})
+			serve: answering(func(t *testing.T, m *dns.Msg) {
+				owner := hostileName
+				for i := range 20 {
+					target := fmt.Sprintf("c%d.%s", i+1, longOwner("chain"))
+					m.Answer = append(m.Answer, mustRR(t, owner+" 300 IN CNAME "+target))
+					owner = target
+				}
+				m.Answer = append(m.Answer, txtRR(owner, "v=STSv1; id=end"))
 			}),
 			wantErr: ErrDNS,
 			within:  2 * time.Second,
@@ -298,19 +294,15 @@ func TestHostileDNS(t *testing.T) {
 			// Owners that differ from the query name by a label, a
 			// suffix or a character; all of them are ignored.
 			name: "records for other names only",
-			serve: single(func(t *testing.T, s *testDNSServer) {
-				s.SetHandler(hostileName, func(req *dns.Msg) *dns.Msg {
-					m := new(dns.Msg).SetReply(req)
-					for i := range 25 {
-						for _, owner := range []string{
-							"_mta-sts.example.com.evil.", "x._mta-sts.example.com.",
-							"mta-sts.example.com.", fmt.Sprintf("_mta-sts%d.example.com.", i),
-						} {
-							m.Answer = append(m.Answer, txtRR(owner, "v=STSv1; id=wrongname"))
-						}
+			serve: answering(func(t *testing.T, m *dns.Msg) {
+				for i := range 25 {
+					for _, owner := range []string{
+						"_mta-sts.example.com.evil.", "x._mta-sts.example.com.",
+						"mta-sts.example.com.", fmt.Sprintf("_mta-sts%d.example.com.", i),
+					} {
+						m.Answer = append(m.Answer, txtRR(owner, "v=STSv1; id=wrongname"))
 					}
-					return m
-				})
+				}
 			}),
 			wantErr: ErrNoRecord,
 			within:  2 * time.Second,
@@ -318,30 +310,22 @@ func TestHostileDNS(t *testing.T) {
 		{
 			// SPF (type 99) has TXT's data format: still not TXT.
 			name: "records of other types at the name only",
-			serve: single(func(t *testing.T, s *testDNSServer) {
-				s.SetHandler(hostileName, func(req *dns.Msg) *dns.Msg {
-					m := new(dns.Msg).SetReply(req)
-					m.Answer = []dns.RR{
-						mustRR(t, hostileName+` 300 IN SPF "v=STSv1; id=spf"`),
-						mustRR(t, hostileName+` 300 IN A 192.0.2.1`),
-						mustRR(t, hostileName+` 300 IN MX 10 mx.example.com.`),
-						mustRR(t, hostileName+` 300 CH TXT "v=STSv1; id=chaos"`),
-					}
-					return m
-				})
+			serve: answering(func(t *testing.T, m *dns.Msg) {
+				m.Answer = []dns.RR{
+					mustRR(t, hostileName+` 300 IN SPF "v=STSv1; id=spf"`),
+					mustRR(t, hostileName+` 300 IN A 192.0.2.1`),
+					mustRR(t, hostileName+` 300 IN MX 10 mx.example.com.`),
+					mustRR(t, hostileName+` 300 CH TXT "v=STSv1; id=chaos"`),
+				}
 			}),
 			wantErr: ErrNoRecord,
 			within:  2 * time.Second,
 		},
 		{
 			name: "reply for the question in another class",
-			serve: single(func(t *testing.T, s *testDNSServer) {
-				s.SetHandler(hostileName, func(req *dns.Msg) *dns.Msg {
-					m := new(dns.Msg).SetReply(req)
-					m.Question[0].Qclass = dns.ClassCHAOS
-					m.Answer = []dns.RR{txtRR(hostileName, "v=STSv1; id=chaos")}
-					return m
-				})
+			serve: answering(func(t *testing.T, m *dns.Msg) {
+				m.Question[0].Qclass = dns.ClassCHAOS
+				m.Answer = []dns.RR{txtRR(hostileName, "v=STSv1; id=chaos")}
 			}),
 			wantErr: ErrDNS,
 			within:  2 * time.Second,
@@ -349,12 +333,9 @@ func TestHostileDNS(t *testing.T) {
 		{
 			// SPEC 3.4: NXDOMAIN is no record, whatever else it carries.
 			name: "NXDOMAIN carrying a record",
-			serve: single(func(t *testing.T, s *testDNSServer) {
-				s.SetHandler(hostileName, func(req *dns.Msg) *dns.Msg {
-					m := new(dns.Msg).SetRcode(req, dns.RcodeNameError)
-					m.Answer = []dns.RR{txtRR(hostileName, "v=STSv1; id=denied")}
-					return m
-				})
+			serve: answering(func(t *testing.T, m *dns.Msg) {
+				m.Rcode = dns.RcodeNameError
+				m.Answer = []dns.RR{txtRR(hostileName, "v=STSv1; id=denied")}
 			}),
 			wantErr: ErrNoRecord,
 			within:  2 * time.Second,
@@ -421,6 +402,19 @@ func single(setup func(t *testing.T, s *testDNSServer)) func(t *testing.T) []str
 		setup(t, s)
 		return []string{s.Addr}
 	}
+}
+
+// answering serves from one test server whose reply to a query for
+// hostileName is set by build: it gets a NOERROR reply to the query, with
+// the question and no records, and fills in what the case needs.
+func answering(build func(t *testing.T, m *dns.Msg)) func(t *testing.T) []string {
+	return single(func(t *testing.T, s *testDNSServer) {
+		s.SetHandler(hostileName, func(req *dns.Msg) *dns.Msg {
+			m := new(dns.Msg).SetReply(req)
+			build(t, m)
+			return m
+		})
+	})
 }
 
 // serveRRs serves rrs from one test server, which truncates them over UDP

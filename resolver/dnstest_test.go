@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/miekg/dns"
+
+	"stsmap/internal/fixture"
 )
 
 // testDNSServer stands in for a recursive resolver in tests: a miekg/dns
@@ -86,25 +88,14 @@ func newTestDNSServer(t testing.TB) *testDNSServer {
 	return s
 }
 
-// listenUDPAndTCP opens a UDP socket on a free 127.0.0.1 port and a TCP
-// listener on the same port, retrying when the TCP port is taken.
+// listenUDPAndTCP is fixture.ListenUDPAndTCP on a free 127.0.0.1 port.
 func listenUDPAndTCP(t testing.TB) (net.PacketConn, net.Listener) {
 	t.Helper()
-	var lastErr error
-	for range 20 {
-		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatalf("listen udp: %v", err)
-		}
-		l, err := net.Listen("tcp", pc.LocalAddr().String())
-		if err == nil {
-			return pc, l
-		}
-		lastErr = err
-		pc.Close()
+	pc, l, err := fixture.ListenUDPAndTCP("127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
 	}
-	t.Fatalf("listen tcp on the UDP port: %v", lastErr)
-	return nil, nil
+	return pc, l
 }
 
 // Add adds records in zone-file syntax, such as
